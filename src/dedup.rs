@@ -1,0 +1,174 @@
+//! First-wins dedup of E.164 numbers across every input of a run.
+//!
+//! Memory is the one thing that grows with the input, so each entry is packed
+//! into 12 bytes (`[u32; 3]`): the number (≤ 17 digits → 57 bits) and the
+//! global ordinal of its first row (39 bits, 5.5 × 10¹¹ rows). With
+//! hashbrown's one control byte per bucket and its worst load right after a
+//! resize (7/16), that is at most 13 × 16 / 7 ≈ 29.7 bytes per unique phone,
+//! and ≈ 15–26 bytes typically — under SPEC's 32. Ordinals map back to
+//! `(source, row)` through the small per-source table in [`Dedup`].
+
+use hashbrown::HashTable;
+
+use crate::phone::E164;
+use crate::record::Position;
+
+const PHONE_BITS: u32 = 57;
+const ORDINAL_BITS: u32 = 39;
+
+/// splitmix64's finalizer: a cheap, well-mixed hash for integer keys.
+fn hash(phone: u64) -> u64 {
+    let mut z = phone.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One packed entry: phone in the low 57 bits of (a, b), ordinal in the rest.
+#[derive(Clone, Copy)]
+struct Entry([u32; 3]);
+
+impl Entry {
+    fn new(phone: u64, ordinal: u64) -> Entry {
+        let high = (phone >> 32) as u32 | (((ordinal >> 32) as u32) << (PHONE_BITS - 32));
+        Entry([phone as u32, high, ordinal as u32])
+    }
+
+    fn phone(self) -> u64 {
+        let mask = (1u64 << PHONE_BITS) - 1;
+        ((self.0[1] as u64) << 32 | self.0[0] as u64) & mask
+    }
+
+    fn ordinal(self) -> u64 {
+        ((self.0[1] >> (PHONE_BITS - 32)) as u64) << 32 | self.0[2] as u64
+    }
+}
+
+/// The set of numbers seen so far in this run.
+pub struct Dedup {
+    table: HashTable<Entry>,
+    /// Global ordinal of each source's first row (sources in run order).
+    source_starts: Vec<u64>,
+    /// Next global ordinal to hand out.
+    next_ordinal: u64,
+    current_source: Option<u32>,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Dedup::new()
+    }
+}
+
+impl Dedup {
+    pub fn new() -> Dedup {
+        Dedup {
+            table: HashTable::new(),
+            source_starts: Vec::new(),
+            next_ordinal: 0,
+            current_source: None,
+        }
+    }
+
+    /// Records `phone` seen at `at` (rows must come in input order). Returns
+    /// `None` if it is new, or where it was first seen.
+    pub fn check(&mut self, phone: E164, at: Position) -> Option<Position> {
+        debug_assert!(
+            phone.0 < 1 << PHONE_BITS,
+            "E.164 numbers have at most 17 digits"
+        );
+        if self.current_source != Some(at.source) {
+            // Sources arrive in order; a new one starts its ordinals after the last row handed out.
+            while self.source_starts.len() <= at.source as usize {
+                self.source_starts.push(self.next_ordinal);
+            }
+            self.current_source = Some(at.source);
+        }
+        let start = self.source_starts[at.source as usize];
+        let ordinal = start + at.row - 1;
+        self.next_ordinal = self.next_ordinal.max(ordinal + 1);
+        debug_assert!(ordinal < 1 << ORDINAL_BITS);
+        let h = hash(phone.0);
+        if let Some(first) = self.table.find(h, |e| e.phone() == phone.0) {
+            return Some(self.position_of(first.ordinal()));
+        }
+        self.table
+            .insert_unique(h, Entry::new(phone.0, ordinal), |e| hash(e.phone()));
+        None
+    }
+
+    fn position_of(&self, ordinal: u64) -> Position {
+        let source = self
+            .source_starts
+            .partition_point(|&s| s <= ordinal)
+            .saturating_sub(1);
+        Position {
+            source: source as u32,
+            row: ordinal - self.source_starts[source] + 1,
+        }
+    }
+
+    /// Number of unique phones.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Bytes held by the table (buckets + control bytes), for the memory benchmark.
+    pub fn allocated_bytes(&self) -> usize {
+        let buckets = self.table.capacity().next_power_of_two().max(1) * 8 / 7;
+        buckets * (std::mem::size_of::<Entry>() + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(source: u32, row: u64) -> Position {
+        Position { source, row }
+    }
+
+    #[test]
+    fn first_wins_across_sources() {
+        let mut d = Dedup::new();
+        assert_eq!(d.check(E164(5511987654321), at(0, 1)), None);
+        assert_eq!(d.check(E164(5511987654322), at(0, 2)), None);
+        assert_eq!(d.check(E164(5511987654321), at(0, 3)), Some(at(0, 1)));
+        assert_eq!(d.check(E164(5511987654322), at(1, 1)), Some(at(0, 2)));
+        assert_eq!(d.check(E164(14155550100), at(2, 7)), None);
+        assert_eq!(d.check(E164(14155550100), at(2, 9)), Some(at(2, 7)));
+        assert_eq!(d.len(), 3);
+    }
+
+    #[test]
+    fn entry_is_twelve_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 12);
+    }
+
+    proptest! {
+        #[test]
+        fn packing_round_trips(phone in 0u64..(1 << PHONE_BITS), ordinal in 0u64..(1 << ORDINAL_BITS)) {
+            let e = Entry::new(phone, ordinal);
+            prop_assert_eq!(e.phone(), phone);
+            prop_assert_eq!(e.ordinal(), ordinal);
+        }
+
+        #[test]
+        fn agrees_with_a_hashmap(phones in proptest::collection::vec(0u64..50, 1..200)) {
+            let mut d = Dedup::new();
+            let mut reference = std::collections::HashMap::new();
+            for (i, p) in phones.iter().enumerate() {
+                let row = i as u64 + 1;
+                let expected = reference.get(p).copied();
+                reference.entry(*p).or_insert(row);
+                let got = d.check(E164(*p), at(0, row)).map(|pos| pos.row);
+                prop_assert_eq!(got, expected);
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The `crm-import` binary: parse flags, run, map the outcome to an exit code
+//! (0 all good, 2 some rows not delivered, 1 the run could not be done).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use crm_import::cli::{Cli, Command};
+use crm_import::config::Config;
+use crm_import::{pipeline, progress};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("crm-import: error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<u8> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let config = Config::load(&args.config)?;
+            let outcome = pipeline::run(config, &args.options())?;
+            eprint!("{}", progress::render_summary(&outcome));
+            Ok(outcome.exit_code())
+        }
+    }
+}

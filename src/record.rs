@@ -1,0 +1,156 @@
+//! A chunk of input rows, projected to the columns the run needs.
+//!
+//! Rows travel between stages in [`Chunk`]s of a few thousand, never one by
+//! one: a chunk stores its rows' projected cells back to back in one `String`
+//! (plus an offset table), so reading a row allocates nothing and a chunk can
+//! be reused. Each row also carries its [`Outcome`], filled in by the phone and
+//! dedup stages.
+
+use std::sync::Arc;
+
+use crate::phone::{E164, InvalidReason};
+
+/// Where a first occurrence was seen, for `duplicate of <source>:<row>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Index of the input in the run's list of sources.
+    pub source: u32,
+    /// 1-based data row within that source.
+    pub row: u64,
+}
+
+/// What became of a row before the sinks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Not processed yet.
+    Pending,
+    /// The row could not be parsed (wrong field count, bad encoding): `detail`.
+    Malformed(Box<str>),
+    /// No phone column yielded a valid number. `raw_column` is the phone column
+    /// whose text is reported (the first non-empty one), if any.
+    InvalidPhone {
+        raw_column: Option<u8>,
+        reason: InvalidReason,
+    },
+    /// A valid number, first seen here.
+    Unique { raw_column: u8, phone: E164 },
+    /// A valid number already seen at `first`.
+    Duplicate {
+        raw_column: u8,
+        phone: E164,
+        first: Position,
+    },
+}
+
+/// Per-row bookkeeping.
+#[derive(Clone, Debug)]
+pub struct RowMeta {
+    /// 1-based data row within the source (header excluded).
+    pub row: u64,
+    pub outcome: Outcome,
+}
+
+/// A batch of rows from one source.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Position in the run's stream of chunks; stages that reorder use it.
+    pub seq: u64,
+    /// Index of the source in the run's list.
+    pub source: u32,
+    /// The source name as the report shows it.
+    pub source_name: Arc<str>,
+    /// Number of projected columns per row.
+    pub width: usize,
+    /// Cells of all rows, back to back.
+    text: String,
+    /// End offset in `text` of each cell (`width` per row).
+    ends: Vec<u32>,
+    pub rows: Vec<RowMeta>,
+}
+
+impl Chunk {
+    pub fn new(seq: u64, source: u32, source_name: Arc<str>, width: usize) -> Chunk {
+        Chunk {
+            seq,
+            source,
+            source_name,
+            width,
+            text: String::new(),
+            ends: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Starts a new row; push exactly `width` cells with [`Chunk::push_cell`] after it.
+    pub fn begin_row(&mut self, row: u64) {
+        self.rows.push(RowMeta {
+            row,
+            outcome: Outcome::Pending,
+        });
+    }
+
+    /// Appends a cell to the current row.
+    pub fn push_cell(&mut self, value: &str) {
+        self.text.push_str(value);
+        self.ends.push(self.text.len() as u32);
+    }
+
+    /// Appends a cell by writing into the buffer directly (no intermediate String).
+    pub fn push_cell_with(&mut self, write: impl FnOnce(&mut String)) {
+        write(&mut self.text);
+        self.ends.push(self.text.len() as u32);
+    }
+
+    /// Marks the current row malformed, filling its missing cells with "".
+    pub fn finish_malformed(&mut self, detail: String) {
+        let expected = self.rows.len() * self.width;
+        while self.ends.len() < expected {
+            self.ends.push(self.text.len() as u32);
+        }
+        self.ends.truncate(expected);
+        if let Some(last) = self.rows.last_mut() {
+            last.outcome = Outcome::Malformed(detail.into_boxed_str());
+        }
+    }
+
+    /// Cell `column` of row `index`.
+    pub fn cell(&self, index: usize, column: usize) -> &str {
+        let i = index * self.width + column;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    /// Bytes of cell text held, for memory accounting.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_round_trip() {
+        let mut c = Chunk::new(0, 0, "a.csv".into(), 2);
+        c.begin_row(1);
+        c.push_cell("x");
+        c.push_cell("");
+        c.begin_row(2);
+        c.push_cell("yy");
+        c.finish_malformed("short row".into());
+        assert_eq!(c.cell(0, 0), "x");
+        assert_eq!(c.cell(0, 1), "");
+        assert_eq!(c.cell(1, 0), "yy");
+        assert_eq!(c.cell(1, 1), "");
+        assert!(matches!(c.rows[1].outcome, Outcome::Malformed(_)));
+    }
+}

@@ -1,0 +1,162 @@
+//! `{column}` placeholders in config values (`name = "{first_name} {last_name}"`).
+//!
+//! Rule (SPEC "Placeholders and payloads", made precise here and in the README):
+//! a value whose placeholders **all** render empty is omitted from the request,
+//! so an empty cell never clears data on the platform. When only some render
+//! empty, the value is sent with those left out and surrounding whitespace
+//! trimmed (`"{first} {last}"` with no last name → `"Ana"`). A value without
+//! placeholders is a literal and always sent.
+
+/// One piece of a template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Segment {
+    Literal(String),
+    /// Index into the projected columns of a record (resolved by [`Template::bind`]).
+    Column {
+        name: String,
+        index: usize,
+    },
+}
+
+/// A parsed config value with `{column}` placeholders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    pub segments: Vec<Segment>,
+}
+
+/// A template that does not parse: unbalanced braces or an empty `{}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason} in \"{text}\"")]
+pub struct TemplateError {
+    pub text: String,
+    pub reason: &'static str,
+}
+
+impl Template {
+    /// Parses `text`. `{{` and `}}` are literal braces.
+    pub fn parse(text: &str) -> Result<Template, TemplateError> {
+        let err = |reason| TemplateError {
+            text: text.to_owned(),
+            reason,
+        };
+        let mut segments = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some('{') | None => return Err(err("unclosed '{'")),
+                            Some(c) => name.push(c),
+                        }
+                    }
+                    let name = name.trim().to_owned();
+                    if name.is_empty() {
+                        return Err(err("empty placeholder '{}'"));
+                    }
+                    if !literal.is_empty() {
+                        segments.push(Segment::Literal(std::mem::take(&mut literal)));
+                    }
+                    segments.push(Segment::Column { name, index: 0 });
+                }
+                '}' => return Err(err("unmatched '}'")),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            segments.push(Segment::Literal(literal));
+        }
+        Ok(Template { segments })
+    }
+
+    /// Column names this template reads, in order of appearance.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Column { name, .. } => Some(name.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
+
+    /// Resolves each column name to its index among the projected columns.
+    pub fn bind(&mut self, index_of: &dyn Fn(&str) -> usize) {
+        for segment in &mut self.segments {
+            if let Segment::Column { name, index } = segment {
+                *index = index_of(name);
+            }
+        }
+    }
+
+    /// Renders with `field(index)` giving the row's value of a projected column;
+    /// `None` when the value must be omitted (see the module rule).
+    pub fn render<'a>(&self, field: impl Fn(usize) -> &'a str) -> Option<String> {
+        let mut out = String::new();
+        let mut placeholders = 0;
+        let mut empty = 0;
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(text) => out.push_str(text),
+                Segment::Column { index, .. } => {
+                    placeholders += 1;
+                    let value = field(*index).trim();
+                    if value.is_empty() {
+                        empty += 1;
+                    }
+                    out.push_str(value);
+                }
+            }
+        }
+        if placeholders > 0 && empty == placeholders {
+            return None;
+        }
+        let trimmed = out.trim();
+        if trimmed.is_empty() && placeholders > 0 {
+            return None;
+        }
+        if trimmed.len() != out.len() {
+            out = trimmed.to_owned();
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(t: &str, values: &[&str]) -> Option<String> {
+        let mut template = Template::parse(t).unwrap();
+        let names: Vec<String> = template.columns().map(str::to_owned).collect();
+        template.bind(&|name| names.iter().position(|n| n == name).unwrap());
+        template.render(|i| values[i])
+    }
+
+    #[test]
+    fn renders_and_omits() {
+        assert_eq!(
+            render("{a} {b}", &["Ana", "Silva"]).as_deref(),
+            Some("Ana Silva")
+        );
+        assert_eq!(render("{a} {b}", &["Ana", ""]).as_deref(), Some("Ana"));
+        assert_eq!(render("{a} {b}", &["", " "]), None);
+        assert_eq!(render("literal", &[]).as_deref(), Some("literal"));
+        assert_eq!(render("{{x}}", &[]).as_deref(), Some("{x}"));
+    }
+
+    #[test]
+    fn rejects_bad_braces() {
+        assert!(Template::parse("{a").is_err());
+        assert!(Template::parse("a}").is_err());
+        assert!(Template::parse("{}").is_err());
+    }
+}
