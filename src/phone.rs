@@ -203,6 +203,8 @@ struct CompiledRegion {
     general_local_lengths: Vec<u16>,
     /// The descriptors `getNumberTypeHelper` tries; a number is valid when one matches.
     types: Vec<CompiledDesc>,
+    /// Index of the mobile descriptor in `types`, if the region has one.
+    mobile: Option<usize>,
 }
 
 /// Compiles a metadata pattern. Metadata patterns contain layout whitespace,
@@ -235,6 +237,8 @@ impl CompiledRegion {
         .into_iter()
         .flatten()
         .collect();
+        // The mobile descriptor is pushed last when present (see the array above).
+        let mobile = d.mobile().map(|_| typed.len() - 1);
         let mut general_lengths: Vec<u16> = Vec::new();
         let mut general_local_lengths: Vec<u16> = Vec::new();
         for desc in &typed {
@@ -266,7 +270,13 @@ impl CompiledRegion {
             general_lengths,
             general_local_lengths,
             types: typed.into_iter().map(CompiledDesc::new).collect(),
+            mobile,
         }
+    }
+
+    /// Whether a valid `nsn` of this region is a mobile number (mobile or fixed-line-or-mobile).
+    fn is_mobile_nsn(&self, nsn: &str) -> bool {
+        self.mobile.is_some_and(|m| self.types[m].matches(nsn))
     }
 
     /// libphonenumber's `matchNationalNumber(number, generalDesc, false)`.
@@ -335,15 +345,14 @@ fn directory() -> &'static Directory {
     DIRECTORY.get_or_init(|| {
         let db: &'static phonenumber::metadata::Database = &DATABASE;
         let mut regions = HashMap::new();
-        let mut codes: Vec<u16> = Vec::new();
         for meta in db.iter() {
             if meta.id() != "001" {
                 regions.insert(meta.id().to_owned(), meta);
             }
-            codes.push(meta.country_code());
         }
-        codes.sort_unstable();
-        codes.dedup();
+        // Not from `db.iter()`: it walks a map keyed by region id, where the
+        // non-geographic entries (all "001") overwrite each other.
+        let codes: Vec<u16> = (1..=999).filter(|c| db.by_code(c).is_some()).collect();
         let mut by_code = HashMap::new();
         for code in codes {
             let mut metas = db.by_code(&code).unwrap_or_default();
@@ -452,13 +461,42 @@ impl PhoneNormalizer {
                 });
             }
         };
-        if self.is_valid_number(code, &nsn) {
-            let digits = code as u64 * 10u64.pow(nsn.len() as u32);
-            let national: u64 = nsn.parse().unwrap_or(0);
-            Ok(E164(digits + national))
+        if let Some(region) = self.region_for_number(code, &nsn) {
+            if !region.is_mobile_nsn(&nsn)
+                && let Some(mobile) = self.forgotten_plus_mobile(raw, code)
+            {
+                return Ok(mobile);
+            }
+            Ok(to_e164(code, &nsn))
         } else {
             Err(self.explain_invalid(code, &nsn))
         }
+    }
+
+    /// CHOICE (SPEC: "where both readings are valid, the choice is documented"):
+    /// `4917696639957` with region DE is a valid fixed line to libphonenumber
+    /// (`+49 4917696639957`) and a valid mobile whose `+` was forgotten
+    /// (`+49 176 96639957`) to a human. Contacts of a messaging tool are mobiles,
+    /// so when a number written without `+` or international prefix starts with
+    /// its region's country code, libphonenumber's reading is not a mobile, and
+    /// the reading with a `+` is a valid mobile, we take the mobile.
+    fn forgotten_plus_mobile(&mut self, raw: &str, code: u16) -> Option<E164> {
+        if starts_with_plus(raw) {
+            return None;
+        }
+        let digits = normalize(maybe_strip_extension(&build_national_number_for_parsing(
+            raw,
+        )));
+        let rest = digits.strip_prefix(code.to_string().as_str())?;
+        // Only the no-prefix reading: the region's international prefix (00…) is not this case.
+        if rest.len() < MIN_LENGTH_FOR_NSN {
+            return None;
+        }
+        let (alt_code, alt_nsn) = self.parse(&format!("+{digits}"), None).ok()?;
+        let region = self.region_for_number(alt_code, &alt_nsn)?;
+        region
+            .is_mobile_nsn(&alt_nsn)
+            .then(|| to_e164(alt_code, &alt_nsn))
     }
 
     /// Why a parsed number is not valid: length first, then pattern.
@@ -485,29 +523,31 @@ impl PhoneNormalizer {
 
     /// libphonenumber's `isValidNumber`: find the region for the number among
     /// those sharing its code (`getRegionCodeForNumber`), then match its types.
-    fn is_valid_number(&mut self, code: u16, nsn: &str) -> bool {
-        let Some(metas) = directory().by_code.get(&code) else {
-            return false;
-        };
+    /// Returns that region when the number is valid in it.
+    fn region_for_number(&mut self, code: u16, nsn: &str) -> Option<&CompiledRegion> {
+        let metas = directory().by_code.get(&code)?;
+        let mut found = None;
         if metas.len() == 1 {
-            return self.compiled(metas[0]).is_valid_nsn(nsn);
-        }
-        for &meta in metas {
-            let region = self.compiled(meta);
-            match &region.leading_digits {
-                Some(leading) => {
-                    if leading.is_match(nsn) {
-                        return region.is_valid_nsn(nsn);
+            found = Some(metas[0]);
+        } else {
+            for &meta in metas {
+                let region = self.compiled(meta);
+                match &region.leading_digits {
+                    Some(leading) if leading.is_match(nsn) => {
+                        found = Some(meta);
+                        break;
                     }
-                }
-                None => {
-                    if region.is_valid_nsn(nsn) {
-                        return true;
+                    Some(_) => {}
+                    None if region.is_valid_nsn(nsn) => {
+                        found = Some(meta);
+                        break;
                     }
+                    None => {}
                 }
             }
         }
-        false
+        let region = self.compiled(found?);
+        region.is_valid_nsn(nsn).then_some(region)
     }
 
     /// libphonenumber's `parseHelper`: returns (country code, national significant number).
@@ -629,6 +669,12 @@ impl PhoneNormalizer {
         self.scratch = full;
         result
     }
+}
+
+/// `+<code><nsn>` as an integer (see [`E164`]).
+fn to_e164(code: u16, nsn: &str) -> E164 {
+    let national: u64 = nsn.parse().unwrap_or(0);
+    E164(code as u64 * 10u64.pow(nsn.len() as u32) + national)
 }
 
 /// A `country_column` value as a region code: ISO alpha-2 in any case; anything else is "none".
@@ -954,6 +1000,26 @@ mod tests {
     fn double_zero_international_prefix() {
         let mut n = PhoneNormalizer::new(Some("DE".into()));
         assert_eq!(e164(&mut n, "0044 20 7946 0018", None), "+442079460018");
+    }
+
+    proptest::proptest! {
+        /// Any text: no panic; a number we accept normalizes to itself when written in E.164.
+        #[test]
+        fn never_panics_and_is_idempotent(raw in "[0-9 +()./x-]{0,24}", region in "(BR|US|DE|IN|GB|)") {
+            let mut n = PhoneNormalizer::new((!region.is_empty()).then(|| region.clone()));
+            if let Ok(e) = n.normalize(&raw, None) {
+                proptest::prop_assert_eq!(n.normalize(&e.to_string(), None), Ok(e));
+            }
+        }
+
+        /// Spaces, dashes and parentheses between digits never change the result.
+        #[test]
+        fn punctuation_is_ignored(national in "[1-9][0-9]{9}", sep in "[ .-]") {
+            let mut n = br();
+            let plain = n.normalize(&format!("+55{national}"), None);
+            let spaced = format!("+55 ({}){sep}{}{sep}{}", &national[..2], &national[2..6], &national[6..]);
+            proptest::prop_assert_eq!(n.normalize(&spaced, None), plain);
+        }
     }
 
     #[test]
