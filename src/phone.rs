@@ -211,9 +211,9 @@ struct CompiledRegion {
 /// which the crate compiles with `ignore_whitespace`; we do the same with `(?x)`.
 fn anchored(pattern: &str, full: bool) -> Regex {
     let source = if full {
-        format!("(?x)^(?:{pattern})$")
+        format!("(?x-u)^(?:{pattern})$")
     } else {
-        format!("(?x)^(?:{pattern})")
+        format!("(?x-u)^(?:{pattern})")
     };
     // Metadata patterns are compiled by the crate's own build, so they are valid regexes.
     Regex::new(&source).unwrap_or_else(|e| panic!("metadata pattern does not compile: {e}"))
@@ -1019,6 +1019,24 @@ mod tests {
             let plain = n.normalize(&format!("+55{national}"), None);
             let spaced = format!("+55 ({}){sep}{}{sep}{}", &national[..2], &national[2..6], &national[6..]);
             proptest::prop_assert_eq!(n.normalize(&spaced, None), plain);
+        }
+    }
+
+    /// Every region's patterns compile as ASCII-digit regexes (`(?-u)`), so no row can hit a panic.
+    #[test]
+    fn every_region_compiles() {
+        let dir = directory();
+        assert!(dir.regions.len() > 240, "{} regions", dir.regions.len());
+        assert!(dir.by_code.contains_key(&800) && dir.by_code.contains_key(&882));
+        for metas in dir.by_code.values() {
+            for meta in metas {
+                let region = CompiledRegion::new(meta);
+                assert!(
+                    !region.general_lengths.is_empty() || region.types.is_empty(),
+                    "{}",
+                    region.id
+                );
+            }
         }
     }
 
