@@ -78,6 +78,41 @@ fn normalization(c: &mut Criterion) {
     group.finish();
 }
 
+/// The phone corpus (24 regions, messy): the case where the crate's 100-entry
+/// regex LRU thrashes and recompiles.
+fn normalization_mixed_regions(c: &mut Criterion) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/phone_corpus.csv");
+    let mut rdr = csv::Reader::from_path(path).expect("corpus");
+    let rows: Vec<(String, String)> = rdr
+        .records()
+        .map(|r| {
+            let r = r.unwrap();
+            (r[0].to_owned(), r[1].to_owned())
+        })
+        .collect();
+    let mut group = c.benchmark_group("normalize_corpus_24_regions");
+    group.throughput(Throughput::Elements(rows.len() as u64));
+    group.sample_size(10);
+    let mut ours = PhoneNormalizer::new(None);
+    group.bench_function("crm_import_phone", |b| {
+        b.iter(|| {
+            for (raw, region) in &rows {
+                black_box(ours.normalize(raw, Some(region)).ok());
+            }
+        })
+    });
+    group.bench_function("phonenumber_crate_parse_is_valid", |b| {
+        b.iter(|| {
+            for (raw, region) in &rows {
+                let id = region.parse::<phonenumber::country::Id>().ok();
+                let n = phonenumber::parse(id, raw).ok();
+                black_box(n.filter(phonenumber::is_valid));
+            }
+        })
+    });
+    group.finish();
+}
+
 fn csv_reading(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("100k.csv");
@@ -148,5 +183,11 @@ params = { name = "{first_name}" }
     group.finish();
 }
 
-criterion_group!(benches, normalization, csv_reading, dry_pipeline);
+criterion_group!(
+    benches,
+    normalization,
+    normalization_mixed_regions,
+    csv_reading,
+    dry_pipeline
+);
 criterion_main!(benches);
