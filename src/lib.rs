@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod record;
 pub mod report;
+pub mod sandbox;
 pub mod sink;
 pub mod source;
 pub mod template;

@@ -1,0 +1,545 @@
+//! Faithful fakes of the three platforms' APIs (`shared/API.md` §5), on loopback.
+//!
+//! Used by `run --sandbox` (in-process, ephemeral port, dummy tokens), by
+//! `crm-import sandbox --listen ADDR` (standalone, for rehearsals and
+//! benchmarks) and by the integration tests. One HTTP server serves all three
+//! APIs (their paths do not collide); each platform keeps its own throttle,
+//! faults and state.
+//!
+//! What it enforces is in each platform's module. What every platform shares:
+//! - **faults**: latency, a share of 500s, a share of connections dropped before
+//!   processing, a share dropped *after* the effect was applied (the case that
+//!   makes non-idempotent retries dangerous), and slow responses;
+//! - **a log** of what was received and applied ([`SandboxLog`], also served as
+//!   JSON at `GET /_sandbox/log`), which tests compare with the report.
+//!
+//! Connections are accepted by our own loop rather than `axum::serve` so that a
+//! handler can drop its connection without answering: hyper has no response
+//! for "close the socket now", and that is exactly the fault we must inject.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::config::Rate;
+
+pub mod chatfuel;
+pub mod cloudhumans;
+pub mod weni;
+
+/// The token every fake accepts unless told otherwise (`run --sandbox` uses it).
+pub const SANDBOX_TOKEN: &str = "sandbox-token";
+
+/// Injected faults, as shares of requests (0.0–1.0) and durations.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Added to every request before anything else.
+    pub latency: Duration,
+    /// Share answered 500 without any effect.
+    pub error_rate: f64,
+    /// Share whose connection is dropped before processing (no effect, no answer).
+    pub drop_before: f64,
+    /// Share whose connection is dropped after the effect was applied (effect, no answer).
+    pub drop_after: f64,
+    /// Share answered only after `slow_delay` (effect applied first).
+    pub slow_rate: f64,
+    pub slow_delay: Duration,
+}
+
+/// Options of one platform's fake.
+#[derive(Clone, Debug, Default)]
+pub struct PlatformOptions {
+    /// The platform's throttle; `None` = unlimited.
+    pub rate: Option<Rate>,
+    pub faults: Faults,
+}
+
+/// Everything the sandbox can be told.
+#[derive(Clone, Debug)]
+pub struct SandboxOptions {
+    /// Accepted token, for all three platforms.
+    pub token: String,
+    pub chatfuel: PlatformOptions,
+    pub weni: PlatformOptions,
+    pub cloudhumans: PlatformOptions,
+    /// Weni: page size of GET lists (DRF default 250).
+    pub page_size: usize,
+    /// Weni: the org's `verify_ninth_digit` switch (API.md §1.3).
+    pub weni_verify_ninth_digit: bool,
+    /// CloudHumans: account id → inbox ids; empty accepts any.
+    pub cloudhumans_accounts: HashMap<String, Vec<String>>,
+    /// CloudHumans: known template names; empty accepts any.
+    pub cloudhumans_templates: Vec<String>,
+    /// Chatfuel: known automation ids; empty accepts any 24-character id.
+    pub chatfuel_automations: Vec<String>,
+    /// Seed of the fault dice, so a failing run can be replayed.
+    pub seed: u64,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        SandboxOptions {
+            token: SANDBOX_TOKEN.to_owned(),
+            chatfuel: PlatformOptions::default(),
+            weni: PlatformOptions::default(),
+            cloudhumans: PlatformOptions::default(),
+            page_size: 250,
+            weni_verify_ninth_digit: false,
+            cloudhumans_accounts: HashMap::new(),
+            cloudhumans_templates: Vec::new(),
+            chatfuel_automations: Vec::new(),
+            seed: 0x5EED,
+        }
+    }
+}
+
+/// Counters per platform.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub requests: u64,
+    pub throttled: u64,
+    pub errors_500: u64,
+    pub dropped_before: u64,
+    pub dropped_after: u64,
+    pub slowed: u64,
+}
+
+/// What the fakes received and applied.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct SandboxLog {
+    pub chatfuel: chatfuel::ChatfuelLog,
+    pub weni: weni::WeniLog,
+    pub cloudhumans: cloudhumans::CloudHumansLog,
+    pub stats: BTreeMap<String, Stats>,
+}
+
+/// Which fake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Platform {
+    Chatfuel,
+    Weni,
+    CloudHumans,
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    pub options: SandboxOptions,
+    started: Instant,
+    dice: AtomicU64,
+    stats: Mutex<HashMap<Platform, Stats>>,
+    pub(crate) chatfuel: Mutex<chatfuel::ChatfuelState>,
+    pub(crate) weni: Mutex<weni::WeniState>,
+    pub(crate) cloudhumans: Mutex<cloudhumans::CloudHumansState>,
+}
+
+impl Shared {
+    fn platform(&self, p: Platform) -> &PlatformOptions {
+        match p {
+            Platform::Chatfuel => &self.options.chatfuel,
+            Platform::Weni => &self.options.weni,
+            Platform::CloudHumans => &self.options.cloudhumans,
+        }
+    }
+
+    /// Milliseconds since the sandbox started (timestamps in the log).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// A number in [0, 1): splitmix64 over an atomic counter. Hand-written so the
+    /// fault dice are reproducible from `seed` and lock-free; no crate needed for 5 lines.
+    fn roll(&self) -> f64 {
+        let mut z = self
+            .dice
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn count(&self, p: Platform, f: impl FnOnce(&mut Stats)) {
+        if let Ok(mut stats) = self.stats.lock() {
+            f(stats.entry(p).or_default());
+        }
+    }
+
+    /// Runs the pre-processing faults. `Some(response)` short-circuits the request.
+    pub(crate) async fn before(&self, p: Platform, kill: &ConnKill) -> Option<Response<Body>> {
+        self.count(p, |s| s.requests += 1);
+        let faults = &self.platform(p).faults;
+        if !faults.latency.is_zero() {
+            tokio::time::sleep(faults.latency).await;
+        }
+        if faults.drop_before > 0.0 && self.roll() < faults.drop_before {
+            self.count(p, |s| s.dropped_before += 1);
+            kill.drop_connection().await;
+        }
+        if faults.error_rate > 0.0 && self.roll() < faults.error_rate {
+            self.count(p, |s| s.errors_500 += 1);
+            return Some(server_error(p));
+        }
+        None
+    }
+
+    /// Runs the post-effect faults, then lets `response` go.
+    pub(crate) async fn after(
+        &self,
+        p: Platform,
+        kill: &ConnKill,
+        response: Response<Body>,
+    ) -> Response<Body> {
+        let faults = &self.platform(p).faults;
+        if faults.drop_after > 0.0 && self.roll() < faults.drop_after {
+            self.count(p, |s| s.dropped_after += 1);
+            kill.drop_connection().await;
+        }
+        if faults.slow_rate > 0.0 && self.roll() < faults.slow_rate {
+            self.count(p, |s| s.slowed += 1);
+            tokio::time::sleep(faults.slow_delay).await;
+        }
+        response
+    }
+
+    pub(crate) fn throttled(&self, p: Platform) {
+        self.count(p, |s| s.throttled += 1);
+    }
+
+    /// A snapshot of everything received and applied.
+    pub fn log(&self) -> SandboxLog {
+        let stats = self
+            .stats
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .map(|(p, st)| {
+                        let name = match p {
+                            Platform::Chatfuel => "chatfuel",
+                            Platform::Weni => "weni",
+                            Platform::CloudHumans => "cloudhumans",
+                        };
+                        (name.to_owned(), st.clone())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        SandboxLog {
+            chatfuel: self.chatfuel.lock().map(|s| s.log()).unwrap_or_default(),
+            weni: self.weni.lock().map(|s| s.log()).unwrap_or_default(),
+            cloudhumans: self.cloudhumans.lock().map(|s| s.log()).unwrap_or_default(),
+            stats,
+        }
+    }
+}
+
+/// Each platform's 500: Weni (Django) answers plain text; the others JSON.
+fn server_error(p: Platform) -> Response<Body> {
+    match p {
+        Platform::Weni => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            "Server Error. Site administrators have been notified.",
+        )
+            .into_response(),
+        Platform::CloudHumans => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "application/json")],
+            r#"{"status":500,"error":"Internal Server Error"}"#,
+        )
+            .into_response(),
+        Platform::Chatfuel => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "application/json")],
+            r#"{"code":500,"message":"HTTP 500 Internal Server Error"}"#,
+        )
+            .into_response(),
+    }
+}
+
+/// Lets a handler close its own connection without answering.
+#[derive(Clone)]
+pub struct ConnKill(Arc<Notify>);
+
+impl ConnKill {
+    /// Closes the connection; never returns (the request future is dropped with it).
+    pub async fn drop_connection(&self) -> ! {
+        self.0.notify_one();
+        std::future::pending::<()>().await;
+        unreachable!("the connection task drops this future")
+    }
+}
+
+/// A sliding-window throttle (DRF's `SimpleRateThrottle`): only admitted requests count.
+pub struct SlidingWindow {
+    rate: Rate,
+    hits: HashMap<String, VecDeque<Instant>>,
+}
+
+impl SlidingWindow {
+    pub fn new(rate: Rate) -> SlidingWindow {
+        SlidingWindow {
+            rate,
+            hits: HashMap::new(),
+        }
+    }
+
+    /// `Err(seconds)` to wait when `key` is over its rate.
+    pub fn check(&mut self, key: &str) -> Result<(), u64> {
+        self.check_at(key, Instant::now())
+    }
+
+    fn check_at(&mut self, key: &str, now: Instant) -> Result<(), u64> {
+        let window = self.rate.per;
+        let hits = self.hits.entry(key.to_owned()).or_default();
+        while hits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            hits.pop_front();
+        }
+        if hits.len() < self.rate.count as usize {
+            hits.push_back(now);
+            return Ok(());
+        }
+        let oldest = hits.front().copied().unwrap_or(now);
+        let wait = window.saturating_sub(now.duration_since(oldest));
+        Err(wait.as_secs_f64().ceil().max(1.0) as u64)
+    }
+}
+
+/// A fixed-window throttle (rack-attack's): counts every request in the current window.
+pub struct FixedWindow {
+    rate: Rate,
+    windows: HashMap<String, (Instant, u32)>,
+}
+
+impl FixedWindow {
+    pub fn new(rate: Rate) -> FixedWindow {
+        FixedWindow {
+            rate,
+            windows: HashMap::new(),
+        }
+    }
+
+    /// `Err(seconds until the window ends)` when over the rate.
+    pub fn check(&mut self, key: &str) -> Result<(), u64> {
+        self.check_at(key, Instant::now())
+    }
+
+    fn check_at(&mut self, key: &str, now: Instant) -> Result<(), u64> {
+        let entry = self.windows.entry(key.to_owned()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= self.rate.per {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        if entry.1 <= self.rate.count {
+            Ok(())
+        } else {
+            let left = self.rate.per.saturating_sub(now.duration_since(entry.0));
+            Err(left.as_secs_f64().ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: Arc<Notify>,
+}
+
+impl Sandbox {
+    /// Binds `addr` (must be a loopback address) and serves until dropped.
+    pub async fn start(addr: SocketAddr, options: SandboxOptions) -> std::io::Result<Sandbox> {
+        if !addr.ip().is_loopback() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the sandbox listens on loopback only (127.0.0.1 or ::1), not {}",
+                    addr.ip()
+                ),
+            ));
+        }
+        let shared = Arc::new(Shared {
+            dice: AtomicU64::new(options.seed),
+            started: Instant::now(),
+            stats: Mutex::new(HashMap::new()),
+            chatfuel: Mutex::new(chatfuel::ChatfuelState::new(&options)),
+            weni: Mutex::new(weni::WeniState::new(&options)),
+            cloudhumans: Mutex::new(cloudhumans::CloudHumansState::new(&options)),
+            options,
+        });
+        let router = router(shared.clone());
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = Arc::new(Notify::new());
+        tokio::spawn(accept_loop(listener, router, shutdown.clone()));
+        Ok(Sandbox {
+            addr,
+            shared,
+            shutdown,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`: the base URL of all three APIs.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn log(&self) -> SandboxLog {
+        self.shared.log()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.shutdown.notify_waiters();
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .merge(chatfuel::routes())
+        .merge(weni::routes())
+        .merge(cloudhumans::routes())
+        .route(
+            "/_sandbox/log",
+            get(
+                |axum::extract::State(shared): axum::extract::State<Arc<Shared>>| async move {
+                    axum::Json(shared.log())
+                },
+            ),
+        )
+        .with_state(shared)
+}
+
+async fn accept_loop(listener: TcpListener, router: Router, shutdown: Arc<Notify>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.notified() => return,
+        };
+        let Ok((stream, _peer)) = accepted else {
+            continue;
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let kill = ConnKill(Arc::new(Notify::new()));
+            let for_requests = kill.clone();
+            let service =
+                hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(for_requests.clone());
+                    let router = router.clone();
+                    async move {
+                        use tower::ServiceExt;
+                        router.oneshot(request.map(Body::new)).await
+                    }
+                });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = kill.0.notified() => {}
+            }
+        });
+    }
+}
+
+/// A JSON response.
+pub(crate) fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    (status, axum::Json(value)).into_response()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` for now (DRF's format). Hand-written civil-date
+/// conversion (Howard Hinnant's algorithm) to avoid a date crate for one string.
+pub(crate) fn now_iso8601() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+/// A random-looking UUID v4 string from a counter (unique within the sandbox).
+pub(crate) fn uuid(n: u64, salt: u64) -> String {
+    let mut z = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt;
+    z = (z ^ (z >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let a = z;
+    let b = n ^ 0xA5A5_5A5A_DEAD_BEEF;
+    format!(
+        "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xFFFF,
+        a & 0xFFF,
+        (b >> 48) & 0xFFF,
+        b & 0xFFFF_FFFF_FFFF
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_window_counts_only_admitted_requests() {
+        let mut w = SlidingWindow::new(Rate {
+            count: 2,
+            per: Duration::from_secs(60),
+        });
+        assert!(w.check("t").is_ok());
+        assert!(w.check("t").is_ok());
+        assert!(matches!(w.check("t"), Err(s) if (1..=60).contains(&s)));
+        assert!(w.check("other token").is_ok());
+    }
+
+    #[test]
+    fn fixed_window_resets() {
+        let mut w = FixedWindow::new(Rate {
+            count: 1,
+            per: Duration::from_secs(60),
+        });
+        let t0 = Instant::now();
+        assert!(w.check_at("ip", t0).is_ok());
+        assert!(w.check_at("ip", t0 + Duration::from_secs(1)).is_err());
+        assert!(
+            w.check_at("ip", t0 + Duration::from_secs(61)).is_ok(),
+            "a new window starts"
+        );
+    }
+
+    #[test]
+    fn iso_dates_look_like_drf() {
+        let s = now_iso8601();
+        assert_eq!(s.len(), 27, "{s}");
+        assert!(s.starts_with("20") && s.ends_with('Z'));
+    }
+}
