@@ -30,10 +30,10 @@ fn sample_phones(n: usize) -> Vec<String> {
             let ddd = ddds[(r % 10) as usize];
             let sub = 960_000_000 + (r >> 8) % 39_999_999;
             match (r >> 40) % 4 {
-                0 => format!("({ddd}) {}-{}", sub / 10_000, sub % 10_000),
+                0 => format!("({ddd}) {}-{:04}", sub / 10_000, sub % 10_000),
                 1 => format!("+55 {ddd} {sub}"),
                 2 => format!("55{ddd}{sub}"),
-                _ => format!("0{ddd} {} {}", sub / 10_000, sub % 10_000),
+                _ => format!("0{ddd} {} {:04}", sub / 10_000, sub % 10_000),
             }
         })
         .collect()
@@ -166,7 +166,7 @@ params = { name = "{first_name}" }
         inputs: vec![input.to_string_lossy().into_owned()],
         dry_run: true,
         report_path: Some(dir.path().join("report.csv")),
-        progress: false,
+        ..RunOptions::default()
     };
     let mut group = c.benchmark_group("dry_run_100k");
     group.throughput(Throughput::Elements(100_000));

@@ -1,10 +1,14 @@
 //! Command-line flags (clap derive), turned into [`RunOptions`] in one place.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::{Rate, parse_duration};
 use crate::pipeline::RunOptions;
+use crate::sandbox::{Faults, SANDBOX_TOKEN, SandboxOptions};
 
 /// Push CRM contacts (CSV/Parquet exports) into Chatfuel, Weni and CloudHumans.
 #[derive(Parser, Debug)]
@@ -18,6 +22,113 @@ pub struct Cli {
 pub enum Command {
     /// Read, normalize to E.164, dedup and deliver the contacts of INPUT files; write a report.
     Run(RunArgs),
+    /// Run the fake platforms standalone on loopback (for rehearsals and benchmarks).
+    Sandbox(SandboxArgs),
+}
+
+fn rate(text: &str) -> Result<Rate, String> {
+    Rate::parse(text).ok_or_else(|| {
+        format!("\"{text}\" is not a rate; write \"50/s\", \"3000/min\" or \"3000/h\"")
+    })
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text)
+        .ok_or_else(|| format!("\"{text}\" is not a duration; write \"50ms\" or \"2s\""))
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("\"{text}\" is not a share between 0 and 1")),
+    }
+}
+
+/// Options of `crm-import sandbox`.
+#[derive(clap::Args, Debug)]
+pub struct SandboxArgs {
+    /// Address to listen on; loopback only (127.0.0.1:0 picks a free port, printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Token the three fakes accept.
+    #[arg(long, default_value = SANDBOX_TOKEN)]
+    pub token: String,
+    /// Chatfuel's throttle (fixed window; 429 with Retry-After). Default: none.
+    #[arg(long, value_parser = rate)]
+    pub chatfuel_rate: Option<Rate>,
+    /// Weni's throttle per token and scope (sliding window; 429 + Retry-After + DRF detail).
+    #[arg(long, value_parser = rate)]
+    pub weni_rate: Option<Rate>,
+    /// CloudHumans' throttle (fixed window; 429 text/plain, no Retry-After).
+    #[arg(long, value_parser = rate)]
+    pub cloudhumans_rate: Option<Rate>,
+    /// Latency added to every request.
+    #[arg(long, value_parser = duration)]
+    pub latency: Option<Duration>,
+    /// Share of requests answered 500 without effect.
+    #[arg(long, value_parser = share, default_value = "0")]
+    pub error_rate: f64,
+    /// Share of connections dropped before processing.
+    #[arg(long, value_parser = share, default_value = "0")]
+    pub drop_before: f64,
+    /// Share of connections dropped after the effect was applied.
+    #[arg(long, value_parser = share, default_value = "0")]
+    pub drop_after: f64,
+    /// Share of answers delayed by --slow-delay (after the effect).
+    #[arg(long, value_parser = share, default_value = "0")]
+    pub slow_rate: f64,
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    pub slow_delay: Duration,
+    /// Platforms the faults apply to (comma-separated); default all.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chatfuel,weni,cloudhumans"
+    )]
+    pub faults_on: Vec<String>,
+    /// Weni list page size.
+    #[arg(long, default_value_t = 250)]
+    pub page_size: usize,
+    /// Weni's verify_ninth_digit org switch.
+    #[arg(long)]
+    pub weni_verify_ninth_digit: bool,
+    /// Seed of the fault dice.
+    #[arg(long, default_value_t = 0x5EED)]
+    pub seed: u64,
+}
+
+impl SandboxArgs {
+    pub fn options(&self) -> SandboxOptions {
+        let faults = Faults {
+            latency: self.latency.unwrap_or_default(),
+            error_rate: self.error_rate,
+            drop_before: self.drop_before,
+            drop_after: self.drop_after,
+            slow_rate: self.slow_rate,
+            slow_delay: self.slow_delay,
+        };
+        let faults_for = |name: &str| {
+            if self.faults_on.iter().any(|p| p.trim() == name) {
+                faults.clone()
+            } else {
+                Faults::default()
+            }
+        };
+        let mut options = SandboxOptions {
+            token: self.token.clone(),
+            page_size: self.page_size,
+            weni_verify_ninth_digit: self.weni_verify_ninth_digit,
+            seed: self.seed,
+            ..SandboxOptions::default()
+        };
+        options.chatfuel.rate = self.chatfuel_rate;
+        options.chatfuel.faults = faults_for("chatfuel");
+        options.weni.rate = self.weni_rate;
+        options.weni.faults = faults_for("weni");
+        options.cloudhumans.rate = self.cloudhumans_rate;
+        options.cloudhumans.faults = faults_for("cloudhumans");
+        options
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -29,6 +140,10 @@ pub struct RunArgs {
     /// status dry_run, print the request plan. No network.
     #[arg(long)]
     pub dry_run: bool,
+    /// Start the built-in fake platforms on 127.0.0.1 and send to them with
+    /// dummy tokens: see the whole thing work without credentials.
+    #[arg(long)]
+    pub sandbox: bool,
     /// Write the report here instead of `[report] path` (.csv, .jsonl or .parquet).
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
@@ -45,6 +160,7 @@ impl RunArgs {
         RunOptions {
             inputs: self.inputs.clone(),
             dry_run: self.dry_run,
+            sandbox: self.sandbox,
             report_path: self.report.clone(),
             progress: !self.quiet,
         }

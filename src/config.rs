@@ -121,6 +121,7 @@ struct RawCommon {
     concurrency: Option<i64>,
     timeout: Option<String>,
     max_retries: Option<i64>,
+    retry_backoff: Option<String>,
 }
 
 trait RawCommonKeys {
@@ -139,6 +140,7 @@ macro_rules! raw_sink {
             concurrency: Option<i64>,
             timeout: Option<String>,
             max_retries: Option<i64>,
+            retry_backoff: Option<String>,
             $($field: $ty),*
         }
         impl RawCommonKeys for $name {
@@ -151,6 +153,7 @@ macro_rules! raw_sink {
                     concurrency: self.concurrency.take(),
                     timeout: self.timeout.take(),
                     max_retries: self.max_retries.take(),
+                    retry_backoff: self.retry_backoff.take(),
                 }
             }
         }
@@ -281,6 +284,8 @@ pub struct SinkCommon {
     pub concurrency: usize,
     pub timeout: Duration,
     pub max_retries: u32,
+    /// First backoff step; each retry doubles it (full jitter, at most 30 s).
+    pub retry_backoff: Duration,
 }
 
 /// `[sinks.chatfuel]`.
@@ -709,6 +714,13 @@ fn common(
             ));
         }
     };
+    let backoff_text = raw.retry_backoff.unwrap_or_else(|| "250ms".into());
+    let retry_backoff = parse_duration(&backoff_text).ok_or_else(|| {
+        invalid(
+            &key("retry_backoff"),
+            format!("is \"{backoff_text}\"; write a duration such as \"250ms\""),
+        )
+    })?;
     Ok(SinkCommon {
         base_url: base_url.trim_end_matches('/').to_owned(),
         token_env,
@@ -716,6 +728,7 @@ fn common(
         concurrency,
         timeout,
         max_retries,
+        retry_backoff,
     })
 }
 

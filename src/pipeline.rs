@@ -35,7 +35,8 @@ use crate::phone::PhoneNormalizer;
 use crate::progress::Progress;
 use crate::record::{Chunk, Outcome, Position};
 use crate::report::{Counts, Report, ReportError, ReportRow, Status};
-use crate::sink::{self, Check, RowView};
+use crate::sandbox::{SANDBOX_TOKEN, Sandbox, SandboxOptions};
+use crate::sink::{self, Check, ItemMeta, RowView, SinkItem, SinkProgress, SinkRow, SinkRuntime};
 use crate::source::{self, SourceError};
 
 /// Rows per chunk: big enough to amortize channel hand-offs, small enough to keep memory flat.
@@ -55,9 +56,17 @@ pub enum RunError {
     )]
     NoSinks { path: PathBuf },
     #[error(
-        "sending to the platforms is not built yet (see the open issue \"Deliver to Chatfuel, Weni and CloudHumans\"); run with --dry-run"
+        "config file {path}: `sinks.{sink}.token_env` names the environment variable {var}, which is not set (or use --sandbox, or --dry-run)"
     )]
-    SendingNotBuilt,
+    MissingToken {
+        path: PathBuf,
+        sink: &'static str,
+        var: String,
+    },
+    #[error("cannot start the HTTP runtime: {0}")]
+    Runtime(String),
+    #[error("cannot start the sandbox: {0}")]
+    Sandbox(std::io::Error),
 }
 
 /// What the command line asked for, beyond the config file.
@@ -66,6 +75,8 @@ pub struct RunOptions {
     /// INPUT arguments as given.
     pub inputs: Vec<String>,
     pub dry_run: bool,
+    /// Start the fake platforms in-process and send to them with dummy tokens.
+    pub sandbox: bool,
     /// `--report`, relative to the working directory; overrides `[report] path`.
     pub report_path: Option<PathBuf>,
     /// Show progress on stderr.
@@ -107,11 +118,33 @@ pub struct RunOutcome {
     pub report_path: PathBuf,
     pub plans: Vec<SinkPlan>,
     pub dry_run: bool,
+    /// Delivery figures per sink (real runs).
+    pub sinks: Vec<SinkSummary>,
+    /// What the sandbox received (`--sandbox` runs).
+    pub sandbox_log: Option<crate::sandbox::SandboxLog>,
+}
+
+/// How one sink's delivery went.
+#[derive(Clone, Debug)]
+pub struct SinkSummary {
+    pub kind: SinkKind,
+    pub requests: u64,
+    pub throttled: u64,
+    pub retries: u64,
+    /// Requests per second between the first and last request.
+    pub achieved_rate: Option<f64>,
+    pub rate: Rate,
+    /// Set when the platform refused the token: the sink stopped.
+    pub auth_refused: Option<String>,
 }
 
 impl RunOutcome {
-    /// 0 when every row ended in success or skip statuses, 2 otherwise (SPEC "Exit codes").
+    /// 0 when every row ended in success or skip statuses, 2 otherwise, 1 when
+    /// every enabled sink refused auth (SPEC "Exit codes").
     pub fn exit_code(&self) -> u8 {
+        if !self.sinks.is_empty() && self.sinks.iter().all(|s| s.auth_refused.is_some()) {
+            return 1;
+        }
         if self
             .counts
             .iter()
@@ -196,6 +229,24 @@ struct Checked {
     checks: Vec<Check>,
 }
 
+/// What the report thread receives: whole chunks (record-level outcomes and the
+/// sink checks decided before sending), and per-sink rows from delivery.
+enum ReportMsg {
+    Chunk(Checked),
+    Rows(Vec<SinkRow>),
+}
+
+/// The sinks of a real run, as the merger sees them.
+struct Delivery {
+    /// One channel per sink (config order).
+    senders: Vec<tokio::sync::mpsc::Sender<SinkItem>>,
+    progress: Vec<Arc<SinkProgress>>,
+    layout: Arc<Layout>,
+}
+
+/// Records buffered per sink channel.
+const SINK_CHANNEL_ITEMS: usize = 2048;
+
 /// Runs the pipeline.
 pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
@@ -211,18 +262,40 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         let reader = source::open(file, &config.input)?;
         source::resolve_columns(&file.name, reader.header(), &layout.columns)?;
     }
-    if !options.dry_run {
-        return Err(RunError::SendingNotBuilt);
-    }
+    let tokens = if options.dry_run || options.sandbox {
+        vec![SANDBOX_TOKEN.to_owned(); config.sinks.len()]
+    } else {
+        tokens_from_env(&config)?
+    };
     let report_path = options
         .report_path
         .clone()
         .unwrap_or_else(|| config.report_path.clone());
     let report = Report::create(&report_path)?;
 
+    // Real runs: the HTTP runtime, the sandbox if asked, and one task per sink.
+    let runtime = if options.dry_run {
+        None
+    } else {
+        Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| RunError::Runtime(e.to_string()))?,
+        )
+    };
+    let sandbox = match (&runtime, options.sandbox && !options.dry_run) {
+        (Some(rt), true) => Some(start_sandbox(rt, &mut config)?),
+        _ => None,
+    };
+
     let config = Arc::new(config);
     let layout = Arc::new(layout);
-    let progress = Progress::start(options.progress);
+    let sink_progress: Vec<Arc<SinkProgress>> =
+        config.sinks.iter().map(|_| Arc::default()).collect();
+    let kinds: Vec<SinkKind> = config.sinks.iter().map(SinkConfig::kind).collect();
+    let progress = Progress::start(options.progress, kinds.clone(), sink_progress.clone());
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -230,8 +303,38 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
 
     let (raw_tx, raw_rx) = bounded::<Result<Chunk, SourceError>>(CHANNEL_CHUNKS);
     let (checked_tx, checked_rx) = bounded::<Result<Checked, SourceError>>(CHANNEL_CHUNKS * 2);
-    let (report_tx, report_rx) = bounded::<Checked>(CHANNEL_CHUNKS);
+    let (report_tx, report_rx) = bounded::<ReportMsg>(CHANNEL_CHUNKS * 4);
     let stop = AtomicBool::new(false);
+
+    let mut runtimes: Vec<Arc<SinkRuntime>> = Vec::new();
+    let mut delivery = None;
+    let mut sink_tasks = Vec::new();
+    if let Some(rt) = &runtime {
+        let mut senders = Vec::new();
+        for (s, sink_config) in config.sinks.iter().enumerate() {
+            let to_report = report_tx.clone();
+            let outcomes: sink::Outcomes = Arc::new(move |rows: Vec<SinkRow>| {
+                let _ = to_report.send(ReportMsg::Rows(rows));
+            });
+            let runtime_sink = SinkRuntime::new(
+                sink_config.clone(),
+                tokens[s].clone(),
+                sink_progress[s].clone(),
+                outcomes,
+            )
+            .map(Arc::new)
+            .map_err(|e| RunError::Runtime(e.to_string()))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(SINK_CHANNEL_ITEMS);
+            sink_tasks.push(rt.spawn(sink::run(runtime_sink.clone(), rx)));
+            runtimes.push(runtime_sink);
+            senders.push(tx);
+        }
+        delivery = Some(Delivery {
+            senders,
+            progress: sink_progress.clone(),
+            layout: layout.clone(),
+        });
+    }
 
     let result = std::thread::scope(|scope| {
         let reader = scope.spawn(|| read_all(&files, &config, &layout, raw_tx, &stop));
@@ -246,22 +349,34 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         drop(checked_tx);
         let rows_done = progress.counter();
         let layout_ref = &layout;
-        let kinds: Vec<SinkKind> = config.sinks.iter().map(SinkConfig::kind).collect();
-        let writer =
-            scope.spawn(move || write_report(report, layout_ref, kinds, report_rx, rows_done));
-        let merged = merge(&config, checked_rx, report_tx);
+        let kinds = kinds.clone();
+        let dry_run = options.dry_run;
+        let writer = scope
+            .spawn(move || write_report(report, layout_ref, kinds, dry_run, report_rx, rows_done));
+        let merged = merge(&config, checked_rx, report_tx.clone(), delivery.as_ref());
         if merged.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
+        // End of input: close the sink channels and wait for every request to finish.
+        drop(delivery.take());
+        if let Some(rt) = &runtime {
+            for task in sink_tasks.drain(..) {
+                let _ = rt.block_on(task);
+            }
+        }
+        drop(report_tx);
+        let summaries: Vec<SinkSummary> = runtimes.drain(..).map(|r| summarize(&r)).collect();
         let input_rows = reader.join().unwrap_or(0);
         let written = writer.join().map_err(|_| ReportError {
             path: report_path.clone(),
             message: "report writer stopped unexpectedly".into(),
         });
-        (merged, input_rows, written)
+        (merged, input_rows, written, summaries)
     });
     progress.finish();
-    let (merged, input_rows, written) = result;
+    let sandbox_log = sandbox.as_ref().map(Sandbox::log);
+    drop(sandbox);
+    let (merged, input_rows, written, sinks) = result;
     let (plans, unique_phones) = merged?;
     let counts = written??;
     Ok(RunOutcome {
@@ -272,7 +387,70 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         report_path,
         plans,
         dry_run: options.dry_run,
+        sinks,
+        sandbox_log,
     })
+}
+
+/// Each sink's token, from the environment variable its config names.
+fn tokens_from_env(config: &Config) -> Result<Vec<String>, RunError> {
+    config
+        .sinks
+        .iter()
+        .map(|s| {
+            let var = &s.common().token_env;
+            std::env::var(var)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| RunError::MissingToken {
+                    path: config.path.clone(),
+                    sink: s.kind().name(),
+                    var: var.clone(),
+                })
+        })
+        .collect()
+}
+
+/// Starts the in-process sandbox on a loopback ephemeral port and points every
+/// sink at it. The fakes learn the config's ids so they accept them.
+fn start_sandbox(
+    runtime: &tokio::runtime::Runtime,
+    config: &mut Config,
+) -> Result<Sandbox, RunError> {
+    let mut options = SandboxOptions::default();
+    for sink_config in &config.sinks {
+        match sink_config {
+            SinkConfig::Chatfuel(c) => options.chatfuel_automations.push(c.automation_id.clone()),
+            SinkConfig::CloudHumans(c) => {
+                options
+                    .cloudhumans_accounts
+                    .insert(c.account_id.clone(), vec![c.inbox_id.clone()]);
+                options.cloudhumans_templates.push(c.template_name.clone());
+            }
+            SinkConfig::Weni(_) => {}
+        }
+    }
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let sandbox = runtime
+        .block_on(Sandbox::start(addr, options))
+        .map_err(RunError::Sandbox)?;
+    for sink_config in &mut config.sinks {
+        sink_config.common_mut().base_url = sandbox.base_url();
+    }
+    Ok(sandbox)
+}
+
+fn summarize(runtime: &SinkRuntime) -> SinkSummary {
+    let stats = &runtime.uploader.stats;
+    SinkSummary {
+        kind: runtime.kind(),
+        requests: stats.requests.load(Ordering::Relaxed),
+        throttled: stats.throttled.load(Ordering::Relaxed),
+        retries: stats.retries.load(Ordering::Relaxed),
+        achieved_rate: stats.achieved_rate(),
+        rate: runtime.config.common().rate,
+        auth_refused: runtime.uploader.stopped(),
+    }
 }
 
 /// Reader thread: every input in order, cut into chunks. Returns rows read.
@@ -402,7 +580,8 @@ pub fn normalize_chunk(
 fn merge(
     config: &Config,
     rx: Receiver<Result<Checked, SourceError>>,
-    tx: Sender<Checked>,
+    tx: Sender<ReportMsg>,
+    delivery: Option<&Delivery>,
 ) -> Result<(Vec<SinkPlan>, u64), SourceError> {
     let sinks = config.sinks.len();
     let mut dedup = Dedup::new();
@@ -450,9 +629,28 @@ fn merge(
                     if matches!(sink_config, SinkConfig::Chatfuel(_)) {
                         *chatfuel_groups.entry(group).or_insert(0) += 1;
                     }
+                    if let Some(delivery) = delivery {
+                        let row = RowView { chunk, index: i };
+                        let item = SinkItem {
+                            meta: item_meta(&delivery.layout, chunk, i, raw_column, phone),
+                            payload: sink::build(sink_config, row, phone, group),
+                        };
+                        delivery.progress[s].queued.fetch_add(1, Ordering::Relaxed);
+                        if let Err(lost) = delivery.senders[s].blocking_send(item) {
+                            // The sink's task is gone: the row is still accounted for.
+                            let _ = tx.send(ReportMsg::Rows(vec![SinkRow {
+                                meta: lost.0.meta,
+                                sink: sink_config.kind(),
+                                status: Status::Failed,
+                                http_status: None,
+                                attempts: 0,
+                                detail: "the sink stopped unexpectedly".into(),
+                            }]));
+                        }
+                    }
                 }
             }
-            if tx.send(checked).is_err() {
+            if tx.send(ReportMsg::Chunk(checked)).is_err() {
                 break;
             }
         }
@@ -464,6 +662,23 @@ fn merge(
         .map(|(s, sink_config)| plan_for(sink_config, sent_rows[s], &chatfuel_groups))
         .collect();
     Ok((plans, dedup.len() as u64))
+}
+
+/// The report's view of a record that goes to a sink.
+fn item_meta(
+    layout: &Layout,
+    chunk: &Chunk,
+    i: usize,
+    raw_column: u8,
+    phone: crate::phone::E164,
+) -> ItemMeta {
+    ItemMeta {
+        source: chunk.source_name.clone(),
+        row: chunk.rows[i].row,
+        record_id: layout.id.map(|c| chunk.cell(i, c)).unwrap_or("").into(),
+        phone_raw: chunk.cell(i, layout.phones[raw_column as usize]).into(),
+        phone,
+    }
 }
 
 fn plan_for(sink_config: &SinkConfig, rows: u64, chatfuel_groups: &HashMap<u64, u64>) -> SinkPlan {
@@ -500,12 +715,33 @@ fn write_report(
     mut report: Report,
     layout: &Layout,
     kinds: Vec<SinkKind>,
-    rx: Receiver<Checked>,
+    dry_run: bool,
+    rx: Receiver<ReportMsg>,
     rows_done: Arc<AtomicU64>,
 ) -> Result<Counts, ReportError> {
     let mut source_names: Vec<Arc<str>> = Vec::new();
     let sinks = kinds.len();
-    for checked in rx {
+    for message in rx {
+        let checked = match message {
+            ReportMsg::Chunk(checked) => checked,
+            ReportMsg::Rows(rows) => {
+                for r in &rows {
+                    report.write(&ReportRow {
+                        source: &r.meta.source,
+                        row: r.meta.row,
+                        record_id: &r.meta.record_id,
+                        phone_raw: &r.meta.phone_raw,
+                        phone_e164: Some(r.meta.phone),
+                        sink: Some(r.sink),
+                        status: r.status,
+                        http_status: r.http_status,
+                        attempts: r.attempts,
+                        detail: &r.detail,
+                    })?;
+                }
+                continue;
+            }
+        };
         let chunk = &checked.chunk;
         if source_names.len() <= chunk.source as usize {
             source_names.resize(chunk.source as usize + 1, Arc::from(""));
@@ -562,6 +798,8 @@ fn write_report(
                     for (s, kind) in kinds.iter().enumerate() {
                         row.sink = Some(*kind);
                         let (status, detail) = match &checked.checks[i * sinks + s] {
+                            // In a real run the sink reports this row when its request ends.
+                            Check::Ready { .. } if !dry_run => continue,
                             Check::Ready { .. } => (Status::DryRun, ""),
                             Check::Rejected(d) => (Status::Rejected, &**d),
                             Check::Skipped(d) => (Status::Skipped, &**d),

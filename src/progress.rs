@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use crate::config::SinkKind;
 use crate::pipeline::RunOutcome;
+use crate::sink::SinkProgress;
 
 /// Seconds between log lines when stderr is not a terminal.
 const LOG_EVERY: Duration = Duration::from_secs(5);
@@ -24,15 +26,62 @@ pub struct Progress {
     ticker: Option<JoinHandle<()>>,
 }
 
+/// What the ticker shows: rows accounted for, and each sink's counters.
+struct Watched {
+    rows: Arc<AtomicU64>,
+    sinks: Vec<(SinkKind, Arc<SinkProgress>)>,
+    started: Instant,
+}
+
+impl Watched {
+    fn rows_line(&self) -> String {
+        let n = self.rows.load(Ordering::Relaxed);
+        let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        format!("rows read: {} ({}/s)", thousands(n), thousands(rate as u64))
+    }
+
+    /// `weni: 1,204/5,000 done, 3 failed, 0.83 rows/s, ETA 1h 16m` — the ETA
+    /// counts what was handed to the sink so far (the input is streamed).
+    fn sink_line(&self, kind: SinkKind, p: &SinkProgress) -> String {
+        let (queued, done, problems) = (
+            p.queued.load(Ordering::Relaxed),
+            p.done.load(Ordering::Relaxed),
+            p.problems.load(Ordering::Relaxed),
+        );
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        let eta = if rate > 0.0 && queued > done {
+            format!(
+                ", ETA {}",
+                human_duration(Duration::from_secs_f64((queued - done) as f64 / rate))
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "{}: {}/{} done, {} not delivered, {:.1} rows/s{eta}",
+            kind.name(),
+            thousands(done),
+            thousands(queued),
+            thousands(problems),
+            rate
+        )
+    }
+}
+
 impl Progress {
     /// Starts the display (or nothing when `enabled` is false).
-    pub fn start(enabled: bool) -> Progress {
+    pub fn start(enabled: bool, kinds: Vec<SinkKind>, sinks: Vec<Arc<SinkProgress>>) -> Progress {
         let rows = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicBool::new(false));
+        let watched = Watched {
+            rows: rows.clone(),
+            sinks: kinds.into_iter().zip(sinks).collect(),
+            started: Instant::now(),
+        };
         let ticker = enabled.then(|| {
-            let rows = rows.clone();
             let done = done.clone();
-            std::thread::spawn(move || tick(rows, done))
+            std::thread::spawn(move || tick(watched, done))
         });
         Progress { rows, done, ticker }
     }
@@ -51,39 +100,51 @@ impl Progress {
     }
 }
 
-fn tick(rows: Arc<AtomicU64>, done: Arc<AtomicBool>) {
-    let started = Instant::now();
+fn tick(watched: Watched, done: Arc<AtomicBool>) {
+    // Sinks with nothing queued yet (a dry run) show no line.
+    let active = |w: &Watched| -> Vec<String> {
+        w.sinks
+            .iter()
+            .filter(|(_, p)| p.queued.load(Ordering::Relaxed) > 0)
+            .map(|(k, p)| w.sink_line(*k, p))
+            .collect()
+    };
     if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
+        let multi = MultiProgress::new();
+        let style = ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let rows_bar = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
+        let sink_bars: Vec<ProgressBar> = watched
+            .sinks
+            .iter()
+            .map(|_| multi.add(ProgressBar::new_spinner().with_style(style.clone())))
+            .collect();
         while !done.load(Ordering::Relaxed) {
-            let n = rows.load(Ordering::Relaxed);
-            let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            bar.set_message(format!(
-                "{} rows processed ({}/s)",
-                thousands(n),
-                thousands(rate as u64)
-            ));
-            bar.tick();
+            rows_bar.set_message(watched.rows_line());
+            rows_bar.tick();
+            for ((kind, p), bar) in watched.sinks.iter().zip(&sink_bars) {
+                if p.queued.load(Ordering::Relaxed) > 0 {
+                    bar.set_message(watched.sink_line(*kind, p));
+                    bar.tick();
+                }
+            }
             std::thread::park_timeout(Duration::from_millis(120));
         }
-        bar.finish_and_clear();
+        for bar in sink_bars.iter().chain(std::iter::once(&rows_bar)) {
+            bar.finish_and_clear();
+        }
     } else {
         let mut last = Instant::now();
         while !done.load(Ordering::Relaxed) {
             std::thread::park_timeout(Duration::from_millis(200));
             if last.elapsed() >= LOG_EVERY && !done.load(Ordering::Relaxed) {
                 last = Instant::now();
-                let n = rows.load(Ordering::Relaxed);
-                let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                eprintln!(
-                    "crm-import: {} rows processed ({} rows/s)",
-                    thousands(n),
-                    thousands(rate as u64)
-                );
+                let mut line = format!("crm-import: {}", watched.rows_line());
+                for sink in active(&watched) {
+                    line.push_str("; ");
+                    line.push_str(&sink);
+                }
+                eprintln!("{line}");
             }
         }
     }
@@ -169,6 +230,42 @@ pub fn render_summary(outcome: &RunOutcome) -> String {
             );
             let _ = writeln!(out, "{line}");
         }
+    }
+    if !outcome.sinks.is_empty() {
+        let _ = writeln!(out, "\nDelivery:");
+        for s in &outcome.sinks {
+            let achieved = s
+                .achieved_rate
+                .map(|r| format!("{r:.2} req/s achieved (configured {})", s.rate))
+                .unwrap_or_else(|| format!("configured {}", s.rate));
+            let _ = writeln!(
+                out,
+                "  {:<12} {:>10} requests, {achieved}, {} × 429, {} retries",
+                s.kind.name(),
+                thousands(s.requests),
+                s.throttled,
+                s.retries
+            );
+            if let Some(reason) = &s.auth_refused {
+                let _ = writeln!(out, "  {:<12} stopped: {reason}", "");
+            }
+        }
+    }
+    if let Some(log) = &outcome.sandbox_log {
+        let _ = writeln!(
+            out,
+            "\nSandbox received: chatfuel {} request(s) for {} phone(s); weni {} contact(s), {} field(s), {} group(s); cloudhumans {} message(s)",
+            log.chatfuel.requests.len(),
+            log.chatfuel
+                .requests
+                .iter()
+                .map(|r| r.phones.len())
+                .sum::<usize>(),
+            log.weni.contacts.len(),
+            log.weni.fields.len(),
+            log.weni.groups.len(),
+            log.cloudhumans.messages.len()
+        );
     }
     let _ = writeln!(
         out,

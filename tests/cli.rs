@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
+mod common;
+
+use common::read_report;
+
 use arrow_array::{
     ArrayRef, DictionaryArray, Int64Array, RecordBatch, StringArray, types::Int32Type,
 };
@@ -110,28 +114,6 @@ impl Case {
     }
 }
 
-fn read_report(path: &Path) -> Vec<HashMap<String, String>> {
-    let Ok(mut rdr) = csv::Reader::from_path(path) else {
-        return Vec::new();
-    };
-    let headers = rdr.headers().unwrap().clone();
-    assert_eq!(
-        headers.iter().collect::<Vec<_>>(),
-        crm_import::report::COLUMNS,
-        "report columns in SPEC order"
-    );
-    rdr.records()
-        .map(|r| {
-            let r = r.unwrap();
-            headers
-                .iter()
-                .zip(r.iter())
-                .map(|(h, v)| (h.to_owned(), v.to_owned()))
-                .collect()
-        })
-        .collect()
-}
-
 impl Output {
     /// The report rows of `source`:`row`.
     fn rows(&self, source: &str, row: u64) -> Vec<&HashMap<String, String>> {
@@ -147,36 +129,8 @@ impl Output {
         rows[0]["status"].clone()
     }
 
-    /// SPEC invariant: each input row has exactly one record-level row, or exactly one row per sink.
     fn assert_invariant(&self, sinks: &[&str], inputs: &[(&str, u64)]) {
-        let mut per_row: HashMap<(String, String), Vec<String>> = HashMap::new();
-        for r in &self.report {
-            per_row
-                .entry((r["source"].clone(), r["row"].clone()))
-                .or_default()
-                .push(r["sink"].clone());
-        }
-        let expected_rows: u64 = inputs.iter().map(|(_, n)| n).sum();
-        assert_eq!(
-            per_row.len() as u64,
-            expected_rows,
-            "every input row is in the report"
-        );
-        for (source, n) in inputs {
-            for row in 1..=*n {
-                let sinks_seen = per_row
-                    .get(&(source.to_string(), row.to_string()))
-                    .unwrap_or_else(|| panic!("{source}:{row} missing from the report"));
-                let mut sorted = sinks_seen.clone();
-                sorted.sort();
-                let mut want: Vec<String> = sinks.iter().map(|s| s.to_string()).collect();
-                want.sort();
-                assert!(
-                    sorted == vec![String::new()] || sorted == want,
-                    "{source}:{row} has report rows for sinks {sorted:?}"
-                );
-            }
-        }
+        common::assert_invariant(&self.report, sinks, inputs);
     }
 }
 
@@ -563,14 +517,24 @@ fn jsonl_and_parquet_reports() {
 }
 
 #[test]
-fn sending_without_dry_run_is_refused_clearly_for_now() {
+fn a_missing_token_variable_is_named_and_nothing_is_sent() {
     let case = Case::new();
     case.write("a.csv", CSV.as_bytes());
     let out = Command::new(BIN)
         .current_dir(case.dir.path())
         .args(["run", "--config", "import.toml", "a.csv"])
+        .env_remove("CHATFUEL_API_TOKEN")
+        .env_remove("WENI_API_TOKEN")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--dry-run"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CHATFUEL_API_TOKEN") && stderr.contains("sinks.chatfuel.token_env"),
+        "{stderr}"
+    );
+    assert!(
+        !case.path("report.csv").exists(),
+        "nothing processed before the tokens are known"
+    );
 }

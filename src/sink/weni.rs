@@ -1,8 +1,26 @@
-//! Weni (RapidPro): one upsert per contact, keyed by its URN.
+//! Weni (RapidPro API v2): one upsert per contact, keyed by its URN.
+//!
+//! Before the first upsert, `prepare` lists the org's fields and groups
+//! (following pagination) and creates the missing ones — only when a Weni row
+//! will actually be sent. Each contact is then `POST contacts.json?urn=…`
+//! (201 → `created`, 200 → `updated`), which is an idempotent upsert, so a
+//! retry after a timeout is safe. `mode = "delete"`: `DELETE ?urn=` (204 →
+//! `deleted`, 404 → `not_found`).
+//!
+//! Weni replaces a contact's static groups with the list sent on every upsert
+//! (API.md §1.3): contacts end up in exactly the configured `groups`.
 
-use super::{Check, RowView};
-use crate::config::{UrnScheme, WeniConfig, WeniMode};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::{OnceCell, mpsc};
+
+use super::http::{Ended, Verdict};
+use super::{Check, Payload, RowView, SinkItem, SinkRuntime};
+use crate::config::{SinkConfig, UrnScheme, WeniConfig, WeniMode};
 use crate::phone::{E164, weni_digit_count_ok};
+use crate::report::Status;
 
 /// The URN of a number in the configured scheme (API.md §1.3.1).
 pub fn urn(scheme: UrnScheme, phone: E164) -> String {
@@ -42,4 +60,258 @@ pub fn check(config: &WeniConfig, row: RowView<'_>, phone: E164) -> Check {
         );
     }
     Check::Ready { group: 0 }
+}
+
+/// The upsert body: keys whose placeholders render empty are left out, so an
+/// empty cell never clears data in Weni. `Null` in delete mode.
+pub fn body(config: &WeniConfig, row: RowView<'_>) -> Value {
+    if config.mode == WeniMode::Delete {
+        return Value::Null;
+    }
+    let mut body = Map::new();
+    if let Some(name) = config.name.as_ref().and_then(|t| t.render(|i| row.cell(i))) {
+        body.insert("name".into(), name.into());
+    }
+    if let Some(language) = config
+        .language
+        .as_ref()
+        .and_then(|t| t.render(|i| row.cell(i)))
+    {
+        body.insert("language".into(), language.into());
+    }
+    if !config.groups.is_empty() {
+        body.insert("groups".into(), json!(config.groups));
+    }
+    let fields: Map<String, Value> = config
+        .fields
+        .iter()
+        .filter_map(|(key, t)| {
+            t.render(|i| row.cell(i))
+                .map(|v| (key.clone(), Value::from(v)))
+        })
+        .collect();
+    if !fields.is_empty() {
+        body.insert("fields".into(), Value::Object(fields));
+    }
+    Value::Object(body)
+}
+
+/// Why the sink could not prepare.
+#[derive(Clone, Debug)]
+struct PrepareFailed {
+    reason: String,
+}
+
+/// Sends every contact, after preparing fields and groups once.
+pub async fn run(sink: Arc<SinkRuntime>, rx: mpsc::Receiver<SinkItem>) {
+    let SinkConfig::Weni(config) = &sink.config else {
+        return;
+    };
+    let prepared: Arc<OnceCell<Result<(), PrepareFailed>>> = Arc::new(OnceCell::new());
+    let needs_prepare = config.mode == WeniMode::Upsert;
+    let concurrency = config.common.concurrency;
+    super::worker_pool(concurrency, rx, move |item: SinkItem| {
+        let sink = sink.clone();
+        let prepared = prepared.clone();
+        async move {
+            if needs_prepare {
+                let ready = prepared.get_or_init(|| prepare(&sink)).await;
+                if let Err(failed) = ready {
+                    sink.report(vec![item.meta], Status::Skipped, None, &failed.reason);
+                    return;
+                }
+            }
+            send(&sink, item).await;
+        }
+    })
+    .await;
+}
+
+fn auth(sink: &SinkRuntime) -> String {
+    format!("Token {}", sink.token)
+}
+
+/// GETs every page of `endpoint` and returns the values of `key` in its results.
+async fn list_all(
+    sink: &SinkRuntime,
+    base: &str,
+    endpoint: &str,
+    key: &str,
+) -> Result<Vec<String>, PrepareFailed> {
+    let mut url = format!("{base}/api/v2/{endpoint}");
+    let mut values = Vec::new();
+    loop {
+        let finished = sink
+            .uploader
+            .execute(
+                |client| client.get(&url).header("authorization", auth(sink)),
+                |_| None,
+            )
+            .await;
+        if finished.ended != Ended::Success {
+            return Err(PrepareFailed {
+                reason: format!(
+                    "Weni preparation failed listing {endpoint}: {}",
+                    describe(&finished.ended)
+                ),
+            });
+        }
+        let page: Value = serde_json::from_slice(&finished.body).map_err(|e| PrepareFailed {
+            reason: format!(
+                "Weni preparation: {endpoint} answered something that is not JSON: {e}"
+            ),
+        })?;
+        for item in page["results"].as_array().into_iter().flatten() {
+            if let Some(v) = item[key].as_str() {
+                values.push(v.to_owned());
+            }
+        }
+        match page["next"].as_str() {
+            Some(next) if !next.is_empty() => url = next.to_owned(),
+            _ => return Ok(values),
+        }
+    }
+}
+
+fn describe(ended: &Ended) -> String {
+    match ended {
+        Ended::Success => "ok".into(),
+        Ended::Rejected(r)
+        | Ended::Failed(r)
+        | Ended::Unknown(r)
+        | Ended::Skipped(r)
+        | Ended::AuthRefused(r) => r.clone(),
+    }
+}
+
+/// Creates one field or group; "must be unique" means it exists already (a replay or a race).
+async fn create(
+    sink: &SinkRuntime,
+    url: &str,
+    body: Value,
+    what: &str,
+) -> Result<(), PrepareFailed> {
+    let finished = sink
+        .uploader
+        .execute(
+            |client| {
+                client
+                    .post(url)
+                    .header("authorization", auth(sink))
+                    .json(&body)
+            },
+            |_| None,
+        )
+        .await;
+    let text = String::from_utf8_lossy(&finished.body);
+    match &finished.ended {
+        Ended::Success => Ok(()),
+        Ended::Rejected(_) if text.contains("must be unique") => Ok(()),
+        other => Err(PrepareFailed {
+            reason: format!(
+                "Weni preparation failed creating {what}: {}",
+                describe(other)
+            ),
+        }),
+    }
+}
+
+/// Lists fields and groups and creates the missing ones (API.md §1.4–1.5).
+async fn prepare(sink: &SinkRuntime) -> Result<(), PrepareFailed> {
+    let SinkConfig::Weni(config) = &sink.config else {
+        return Ok(());
+    };
+    let base = &config.common.base_url;
+    if !config.fields.is_empty() {
+        let existing: HashSet<String> = list_all(sink, base, "fields.json", "key")
+            .await?
+            .into_iter()
+            .collect();
+        for key in config.fields.keys().filter(|k| !existing.contains(*k)) {
+            let value_type = config
+                .field_types
+                .get(key)
+                .map(String::as_str)
+                .unwrap_or("text");
+            let body = json!({"label": key, "value_type": value_type});
+            create(
+                sink,
+                &format!("{base}/api/v2/fields.json"),
+                body,
+                &format!("field \"{key}\""),
+            )
+            .await?;
+        }
+    }
+    if !config.groups.is_empty() {
+        let existing: HashSet<String> = list_all(sink, base, "groups.json", "name")
+            .await?
+            .into_iter()
+            .map(|n| n.to_lowercase())
+            .collect();
+        for group in config
+            .groups
+            .iter()
+            .filter(|g| !existing.contains(&g.to_lowercase()))
+        {
+            let body = json!({"name": group});
+            create(
+                sink,
+                &format!("{base}/api/v2/groups.json"),
+                body,
+                &format!("group \"{group}\""),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn send(sink: &SinkRuntime, item: SinkItem) {
+    let SinkConfig::Weni(config) = &sink.config else {
+        return;
+    };
+    let url = format!("{}/api/v2/contacts.json", config.common.base_url);
+    let urn = urn(config.urn_scheme, item.meta.phone);
+    let query = [("urn", urn.as_str())];
+    let Payload::Json(body) = &item.payload else {
+        return;
+    };
+    let finished = match config.mode {
+        WeniMode::Upsert => {
+            sink.uploader
+                .execute(
+                    |client| {
+                        client
+                            .post(&url)
+                            .query(&query)
+                            .header("authorization", auth(sink))
+                            .json(body)
+                    },
+                    |_| None,
+                )
+                .await
+        }
+        WeniMode::Delete => {
+            sink.uploader
+                .execute(
+                    |client| {
+                        client
+                            .delete(&url)
+                            .query(&query)
+                            .header("authorization", auth(sink))
+                    },
+                    // A missing contact is an answer, not an error: `not_found`.
+                    |status| (status == 404).then_some(Verdict::Success),
+                )
+                .await
+        }
+    };
+    let success = match (config.mode, finished.http_status) {
+        (WeniMode::Upsert, Some(201)) => Status::Created,
+        (WeniMode::Upsert, _) => Status::Updated,
+        (WeniMode::Delete, Some(404)) => Status::NotFound,
+        (WeniMode::Delete, _) => Status::Deleted,
+    };
+    sink.report_finished(vec![item.meta], &finished, success);
 }

@@ -1,0 +1,430 @@
+//! What every uploader shares: the HTTP client, the rate limit, retries with
+//! backoff, the sink-wide pause on 429, and the stop on refused auth.
+//!
+//! Each HTTP outcome is classified once into a [`Verdict`]; [`Uploader::execute`]
+//! is the only place that branches on it, in this fixed order (Vector's layers):
+//! pause (429) → rate limit (governor) → request with timeout → classify → retry?
+//! Concurrency is the number of worker tasks a sink runs (see `sink::run`).
+
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use governor::{Quota, RateLimiter};
+
+use crate::config::{SinkCommon, SinkKind};
+
+/// Pause after a 429 that has no `Retry-After`, doubled for each 429 in a row (max 60 s).
+const DEFAULT_429_PAUSE: Duration = Duration::from_secs(1);
+const MAX_429_PAUSE: Duration = Duration::from_secs(60);
+/// Consecutive 429s one request tolerates before it ends `failed`.
+const MAX_RATE_LIMITED: u32 = 50;
+/// Ceiling of one backoff sleep.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One HTTP outcome, classified.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Done (2xx, or a sink-specific success such as Weni delete's 404).
+    Success,
+    /// Try again after backoff: 5xx, or a request that may not have been applied
+    /// and is safe to repeat.
+    Retry(String),
+    /// 429: pause the whole sink, then try again.
+    RateLimited(Option<Duration>),
+    /// The platform refused this record (4xx other than 429): never retried.
+    Reject(String),
+    /// Auth refused (401/403): stop the sink.
+    Fatal(String),
+    /// A non-idempotent request may have been applied and got no answer.
+    Unknown(String),
+}
+
+/// How a request ended after all its attempts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ended {
+    Success,
+    Rejected(String),
+    Failed(String),
+    Unknown(String),
+    /// Never attempted (the sink had stopped).
+    Skipped(String),
+    /// Auth refused: this request's rows are `rejected`, the sink stops.
+    AuthRefused(String),
+}
+
+/// The result of [`Uploader::execute`].
+#[derive(Clone, Debug)]
+pub struct Finished {
+    pub ended: Ended,
+    /// Last HTTP status received, if any.
+    pub http_status: Option<u16>,
+    /// HTTP attempts made.
+    pub attempts: u32,
+    /// Body of the last answer.
+    pub body: Bytes,
+}
+
+/// Counters for the summary and the rate benchmark.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    pub requests: AtomicU64,
+    pub throttled: AtomicU64,
+    pub retries: AtomicU64,
+    /// When the first and the latest request left.
+    window: Mutex<Option<(Instant, Instant)>>,
+}
+
+impl UploadStats {
+    fn record_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if let Ok(mut w) = self.window.lock() {
+            *w = Some(w.map_or((now, now), |(first, _)| (first, now)));
+        }
+    }
+
+    /// Requests per second between the first and the last request.
+    pub fn achieved_rate(&self) -> Option<f64> {
+        let (first, last) = (*self.window.lock().ok()?)?;
+        let n = self.requests.load(Ordering::Relaxed);
+        let secs = last.duration_since(first).as_secs_f64();
+        (n > 1 && secs > 0.0).then(|| (n - 1) as f64 / secs)
+    }
+}
+
+/// The default classification of an HTTP answer (sinks may special-case before calling it).
+pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Verdict {
+    match status {
+        200..=299 => Verdict::Success,
+        429 => Verdict::RateLimited(retry_after),
+        401 | 403 => Verdict::Fatal(format!("auth refused: {}", error_text(status, body))),
+        400..=499 => Verdict::Reject(error_text(status, body)),
+        _ => Verdict::Retry(error_text(status, body)),
+    }
+}
+
+/// A short, single-line reason from an error body (JSON flattened, text trimmed).
+pub fn error_text(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let detail = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => {
+            let mut parts = Vec::new();
+            for (k, v) in map {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                parts.push(
+                    if k == "detail" || k == "error" || k == "message" || k == "result" {
+                        v
+                    } else {
+                        format!("{k}: {v}")
+                    },
+                );
+            }
+            parts.join("; ")
+        }
+        _ => text.to_owned(),
+    };
+    let mut detail = detail.replace(['\n', '\r'], " ");
+    if detail.len() > 300 {
+        let mut cut = 300;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    if detail.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {detail}")
+    }
+}
+
+/// `Retry-After` in seconds (the only form these APIs use).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// A small xorshift for backoff jitter: quality does not matter, and it avoids a
+/// crate for one random number per retry.
+fn jitter_fraction() -> f64 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
+        );
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
+/// One sink's connection to its platform.
+pub struct Uploader {
+    pub kind: SinkKind,
+    client: reqwest::Client,
+    limiter: RateLimiter<
+        governor::state::NotKeyed,
+        governor::state::InMemoryState,
+        governor::clock::DefaultClock,
+    >,
+    /// May a request that might have been applied be sent again? (CloudHumans: no.)
+    idempotent: bool,
+    max_retries: u32,
+    timeout: Duration,
+    backoff: Duration,
+    /// Sink-wide pause after a 429.
+    paused_until: Mutex<Option<tokio::time::Instant>>,
+    consecutive_429: AtomicU32,
+    stopped: AtomicBool,
+    stop_reason: Mutex<Option<String>>,
+    pub stats: UploadStats,
+}
+
+impl Uploader {
+    pub fn new(
+        kind: SinkKind,
+        common: &SinkCommon,
+        idempotent: bool,
+    ) -> Result<Uploader, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("crm-import/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(common.concurrency)
+            .build()?;
+        // GCRA with a burst of 1: requests leave evenly spaced at the configured
+        // rate, so there is no start-up burst and the rate holds over any window.
+        let period = common.rate.per / common.rate.count;
+        let quota = Quota::with_period(period.max(Duration::from_micros(1)))
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::MIN);
+        Ok(Uploader {
+            kind,
+            client,
+            limiter: RateLimiter::direct(quota),
+            idempotent,
+            max_retries: common.max_retries,
+            timeout: common.timeout,
+            backoff: common.retry_backoff,
+            paused_until: Mutex::new(None),
+            consecutive_429: AtomicU32::new(0),
+            stopped: AtomicBool::new(false),
+            stop_reason: Mutex::new(None),
+            stats: UploadStats::default(),
+        })
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Whether auth was refused: the rest of the sink's rows are `skipped`.
+    pub fn stopped(&self) -> Option<String> {
+        if self.stopped.load(Ordering::Relaxed) {
+            self.stop_reason.lock().ok().and_then(|r| r.clone())
+        } else {
+            None
+        }
+    }
+
+    fn stop(&self, reason: &str) {
+        if let Ok(mut r) = self.stop_reason.lock()
+            && r.is_none()
+        {
+            *r = Some(reason.to_owned());
+        }
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    fn pause_for(&self, after: Option<Duration>) {
+        let n = self.consecutive_429.fetch_add(1, Ordering::Relaxed);
+        let pause = after.unwrap_or_else(|| {
+            (DEFAULT_429_PAUSE * 2u32.saturating_pow(n.min(6))).min(MAX_429_PAUSE)
+        });
+        let until = tokio::time::Instant::now() + pause;
+        if let Ok(mut p) = self.paused_until.lock()
+            && p.is_none_or(|current| current < until)
+        {
+            *p = Some(until);
+        }
+    }
+
+    async fn wait_while_paused(&self) {
+        loop {
+            let until = self.paused_until.lock().ok().and_then(|p| *p);
+            match until {
+                Some(until) if until > tokio::time::Instant::now() => {
+                    tokio::time::sleep_until(until).await
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Sends the request built by `make` until it succeeds, is refused, or
+    /// retries run out. `special` lets a sink classify an answer itself (e.g.
+    /// Weni delete's 404 is a success); it returns `None` to use [`classify`].
+    pub async fn execute(
+        &self,
+        make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+        special: impl Fn(u16) -> Option<Verdict>,
+    ) -> Finished {
+        let mut attempts = 0u32;
+        let mut retries = 0u32;
+        let mut rate_limited = 0u32;
+        let mut http_status = None;
+        let mut body = Bytes::new();
+        loop {
+            if let Some(reason) = self.stopped() {
+                let ended = if attempts == 0 {
+                    Ended::Skipped(format!("{} stopped: {reason}", self.kind.name()))
+                } else {
+                    Ended::Failed(format!(
+                        "{} stopped before a retry: {reason}",
+                        self.kind.name()
+                    ))
+                };
+                return Finished {
+                    ended,
+                    http_status,
+                    attempts,
+                    body,
+                };
+            }
+            self.wait_while_paused().await;
+            self.limiter.until_ready().await;
+            self.wait_while_paused().await;
+            attempts += 1;
+            self.stats.record_request();
+            let verdict = match make(&self.client).timeout(self.timeout).send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    http_status = Some(status);
+                    let after = retry_after(response.headers());
+                    // A failure while reading the body still leaves the status: an answer is an answer.
+                    body = response.bytes().await.unwrap_or_default();
+                    special(status).unwrap_or_else(|| classify(status, after, &body))
+                }
+                // Connect errors happen before the request leaves: always safe to retry.
+                Err(e) if e.is_connect() => {
+                    Verdict::Retry(format!("cannot connect: {}", root_cause(&e)))
+                }
+                Err(e) => {
+                    let what = if e.is_timeout() {
+                        format!("no answer within {:?}", self.timeout)
+                    } else {
+                        format!("connection lost: {}", root_cause(&e))
+                    };
+                    if self.idempotent {
+                        Verdict::Retry(what)
+                    } else {
+                        Verdict::Unknown(format!(
+                            "{what}; the request may have been applied, so it is not resent"
+                        ))
+                    }
+                }
+            };
+            if !matches!(verdict, Verdict::RateLimited(_)) {
+                self.consecutive_429.store(0, Ordering::Relaxed);
+            }
+            let ended = match verdict {
+                Verdict::Success => Ended::Success,
+                Verdict::Reject(reason) => Ended::Rejected(reason),
+                Verdict::Unknown(reason) => Ended::Unknown(reason),
+                Verdict::Fatal(reason) => {
+                    self.stop(&reason);
+                    Ended::AuthRefused(reason)
+                }
+                Verdict::RateLimited(after) => {
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    rate_limited += 1;
+                    if rate_limited > MAX_RATE_LIMITED {
+                        Ended::Failed(format!(
+                            "still rate limited (429) after {rate_limited} tries"
+                        ))
+                    } else {
+                        self.pause_for(after);
+                        continue;
+                    }
+                }
+                Verdict::Retry(reason) => {
+                    if retries >= self.max_retries {
+                        Ended::Failed(format!("{reason} (gave up after {attempts} attempts)"))
+                    } else {
+                        retries += 1;
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        // Exponential backoff with full jitter.
+                        let ceiling = (self.backoff * 2u32.saturating_pow(retries.min(16) - 1))
+                            .min(MAX_BACKOFF);
+                        tokio::time::sleep(ceiling.mul_f64(jitter_fraction())).await;
+                        continue;
+                    }
+                }
+            };
+            return Finished {
+                ended,
+                http_status,
+                attempts,
+                body,
+            };
+        }
+    }
+}
+
+/// The innermost error message (reqwest's own text is "error sending request").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = e;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(201, None, b"{}"), Verdict::Success);
+        assert_eq!(
+            classify(429, Some(Duration::from_secs(3)), b""),
+            Verdict::RateLimited(Some(Duration::from_secs(3)))
+        );
+        assert!(
+            matches!(classify(403, None, br#"{"detail": "Invalid token"}"#), Verdict::Fatal(r) if r.contains("Invalid token"))
+        );
+        assert!(matches!(classify(401, None, b""), Verdict::Fatal(_)));
+        assert_eq!(
+            classify(400, None, br#"{"name": ["Contact name cannot be empty."]}"#),
+            Verdict::Reject("HTTP 400: name: [\"Contact name cannot be empty.\"]".into())
+        );
+        assert!(matches!(
+            classify(502, None, b"bad gateway"),
+            Verdict::Retry(_)
+        ));
+    }
+
+    #[test]
+    fn error_text_is_one_short_line() {
+        let long = "x".repeat(1000);
+        let t = error_text(500, format!("line1\n{long}").as_bytes());
+        assert!(!t.contains('\n') && t.len() < 320, "{t}");
+        assert_eq!(error_text(401, b""), "HTTP 401");
+    }
+}
