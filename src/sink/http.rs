@@ -207,12 +207,16 @@ impl Uploader {
             .user_agent(concat!("crm-import/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(common.concurrency)
             .build()?;
-        // GCRA with a burst of 1: requests leave evenly spaced at the configured
-        // rate, so there is no start-up burst and the rate holds over any window.
+        // GCRA: requests leave evenly spaced at the configured rate. A burst of 2
+        // (never more than `concurrency`, as SPEC allows) lets a request that
+        // left late because of timer granularity be caught up, so the long-run
+        // rate is the configured one instead of slightly below it.
         let period = common.rate.per / common.rate.count;
+        let burst =
+            NonZeroU32::new(common.concurrency.clamp(1, 2) as u32).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(period.max(Duration::from_micros(1)))
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::MIN);
+            .allow_burst(burst);
         Ok(Uploader {
             kind,
             client,
