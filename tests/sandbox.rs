@@ -579,3 +579,29 @@ fn connection_refused_is_retried_then_failed() {
         assert!(r["detail"].contains("cannot connect"), "{}", r["detail"]);
     }
 }
+
+#[test]
+fn weni_preparation_follows_pagination_and_creates_only_what_is_missing() {
+    let mut options = sandbox_options();
+    options.page_size = 1;
+    let rig = Rig::new(options);
+    let n = rig.input(&phones(4));
+    let weni = "fields = { plan = \"{plan}\", signup = \"{id}\", nick = \"{first_name}\" }\ngroups = [\"A\", \"B\"]";
+    let first = rig.run(
+        &config("enabled = false", weni, "enabled = false"),
+        [TOKEN; 3],
+    );
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert_eq!(first.log.weni.fields.len(), 3);
+    assert_eq!(first.log.weni.groups.len(), 2);
+    let before = first.log.stats["weni"].requests;
+    let second = rig.run(
+        &config("enabled = false", weni, "enabled = false"),
+        [TOKEN; 3],
+    );
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_invariant(&second.report, &["weni"], &[("in.csv", n)]);
+    // One page per field (3) and per group (2), then the 4 upserts: nothing created again.
+    assert_eq!(second.log.stats["weni"].requests - before, 3 + 2 + n);
+    assert_eq!(second.log.weni.fields.len(), 3);
+}
