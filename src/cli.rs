@@ -144,6 +144,16 @@ pub struct RunArgs {
     /// dummy tokens: see the whole thing work without credentials.
     #[arg(long)]
     pub sandbox: bool,
+    /// Ignore the incremental state: send everything again to Chatfuel and Weni
+    /// (CloudHumans messages still go at most once per template; see --resend-messages).
+    #[arg(long)]
+    pub full: bool,
+    /// Send CloudHumans template messages again even to phones the state says got them.
+    #[arg(long)]
+    pub resend_messages: bool,
+    /// Send CloudHumans messages that an interrupted run may have sent (status unknown).
+    #[arg(long)]
+    pub resend_unknown: bool,
     /// Write the report here instead of `[report] path` (.csv, .jsonl or .parquet).
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
@@ -161,6 +171,9 @@ impl RunArgs {
             inputs: self.inputs.clone(),
             dry_run: self.dry_run,
             sandbox: self.sandbox,
+            full: self.full,
+            resend_messages: self.resend_messages,
+            resend_unknown: self.resend_unknown,
             report_path: self.report.clone(),
             progress: !self.quiet,
         }

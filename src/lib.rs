@@ -31,4 +31,5 @@ pub mod report;
 pub mod sandbox;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod template;

@@ -38,6 +38,7 @@ use crate::report::{Counts, Report, ReportError, ReportRow, Status};
 use crate::sandbox::{SANDBOX_TOKEN, Sandbox, SandboxOptions};
 use crate::sink::{self, Check, ItemMeta, RowView, SinkItem, SinkProgress, SinkRow, SinkRuntime};
 use crate::source::{self, SourceError};
+use crate::state::{Scope, SinkIndex, StateError, StateThread, StateWriter};
 
 /// Rows per chunk: big enough to amortize channel hand-offs, small enough to keep memory flat.
 pub const CHUNK_ROWS: usize = 4096;
@@ -65,6 +66,8 @@ pub enum RunError {
     },
     #[error("cannot start the HTTP runtime: {0}")]
     Runtime(String),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("cannot start the sandbox: {0}")]
     Sandbox(std::io::Error),
 }
@@ -77,6 +80,12 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Start the fake platforms in-process and send to them with dummy tokens.
     pub sandbox: bool,
+    /// Ignore the state when deciding what to send to Chatfuel and Weni (still record).
+    pub full: bool,
+    /// Send CloudHumans messages again even if the state says they were sent.
+    pub resend_messages: bool,
+    /// Send CloudHumans messages whose outcome an interrupted run left unknown.
+    pub resend_unknown: bool,
     /// `--report`, relative to the working directory; overrides `[report] path`.
     pub report_path: Option<PathBuf>,
     /// Show progress on stderr.
@@ -122,6 +131,8 @@ pub struct RunOutcome {
     pub sinks: Vec<SinkSummary>,
     /// What the sandbox received (`--sandbox` runs).
     pub sandbox_log: Option<crate::sandbox::SandboxLog>,
+    /// Ctrl-C stopped the run early (exit 2).
+    pub interrupted: bool,
 }
 
 /// How one sink's delivery went.
@@ -273,6 +284,21 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         .unwrap_or_else(|| config.report_path.clone());
     let report = Report::create(&report_path)?;
 
+    // The state: read by every run (a dry run shows `unchanged` too), written only by real runs.
+    let scopes: Vec<Scope> = config.sinks.iter().map(state_scope).collect();
+    let incremental = Incremental {
+        indexes: crate::state::load(&config.state_path, &scopes, options.dry_run)?,
+        full: options.full,
+        resend_messages: options.resend_messages,
+        resend_unknown: options.resend_unknown,
+    };
+    let mut state: Option<(StateWriter, StateThread)> = if options.dry_run {
+        None
+    } else {
+        Some(StateWriter::start(&config.state_path, scopes)?)
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+
     // Real runs: the HTTP runtime, the sandbox if asked, and one task per sink.
     let runtime = if options.dry_run {
         None
@@ -304,7 +330,22 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
     let (raw_tx, raw_rx) = bounded::<Result<Chunk, SourceError>>(CHANNEL_CHUNKS);
     let (checked_tx, checked_rx) = bounded::<Result<Checked, SourceError>>(CHANNEL_CHUNKS * 2);
     let (report_tx, report_rx) = bounded::<ReportMsg>(CHANNEL_CHUNKS * 4);
+    // Set when the merger fails: the reader stops. Ctrl-C sets `interrupted`, which stops it too.
     let stop = AtomicBool::new(false);
+    if let Some(rt) = &runtime {
+        let flag = interrupted.clone();
+        rt.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                flag.store(true, Ordering::Relaxed);
+                eprintln!(
+                    "\ncrm-import: interrupted: no new rows or requests; finishing the requests in flight and writing the state and report (Ctrl-C again to quit at once)"
+                );
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
 
     let mut runtimes: Vec<Arc<SinkRuntime>> = Vec::new();
     let mut delivery = None;
@@ -321,6 +362,8 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
                 tokens[s].clone(),
                 sink_progress[s].clone(),
                 outcomes,
+                state.as_ref().map(|(writer, _)| (writer.clone(), s)),
+                interrupted.clone(),
             )
             .map(Arc::new)
             .map_err(|e| RunError::Runtime(e.to_string()))?;
@@ -337,7 +380,9 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
     }
 
     let result = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| read_all(&files, &config, &layout, raw_tx, &stop));
+        let stops = [&stop, &*interrupted];
+        let (files, config_ref, layout_ref) = (&files, &config, &layout);
+        let reader = scope.spawn(move || read_all(files, config_ref, layout_ref, raw_tx, stops));
         for _ in 0..workers {
             let raw_rx = raw_rx.clone();
             let checked_tx = checked_tx.clone();
@@ -353,7 +398,13 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         let dry_run = options.dry_run;
         let writer = scope
             .spawn(move || write_report(report, layout_ref, kinds, dry_run, report_rx, rows_done));
-        let merged = merge(&config, checked_rx, report_tx.clone(), delivery.as_ref());
+        let merged = merge(
+            &config,
+            checked_rx,
+            report_tx.clone(),
+            delivery.as_ref(),
+            &incremental,
+        );
         if merged.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
@@ -374,11 +425,19 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         (merged, input_rows, written, summaries)
     });
     progress.finish();
+    // Every sink is done: the last deliveries are committed before the run ends.
+    let state_result = state.take().map(|(writer, thread)| {
+        drop(writer);
+        thread.finish()
+    });
     let sandbox_log = sandbox.as_ref().map(Sandbox::log);
     drop(sandbox);
     let (merged, input_rows, written, sinks) = result;
     let (plans, unique_phones) = merged?;
     let counts = written??;
+    if let Some(result) = state_result {
+        result?;
+    }
     Ok(RunOutcome {
         counts,
         input_rows,
@@ -389,7 +448,18 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         dry_run: options.dry_run,
         sinks,
         sandbox_log,
+        interrupted: interrupted.load(Ordering::Relaxed),
     })
+}
+
+/// The state scope of a sink (see `state.rs`).
+fn state_scope(sink_config: &SinkConfig) -> Scope {
+    let (sink, scope) = match sink_config {
+        SinkConfig::Chatfuel(c) => ("chatfuel", c.automation_id.clone()),
+        SinkConfig::Weni(_) => ("weni", String::new()),
+        SinkConfig::CloudHumans(c) => ("cloudhumans", c.template_name.clone()),
+    };
+    Scope { sink, scope }
 }
 
 /// Each sink's token, from the environment variable its config names.
@@ -459,7 +529,7 @@ fn read_all(
     config: &Config,
     layout: &Layout,
     tx: Sender<Result<Chunk, SourceError>>,
-    stop: &AtomicBool,
+    stops: [&AtomicBool; 2],
 ) -> u64 {
     let mut seq = 0;
     let mut rows = 0;
@@ -478,7 +548,7 @@ fn read_all(
         };
         let name: Arc<str> = Arc::from(file.name.as_str());
         loop {
-            if stop.load(Ordering::Relaxed) {
+            if stops.iter().any(|s| s.load(Ordering::Relaxed)) {
                 return rows;
             }
             let mut chunk = Chunk::new(seq, index as u32, name.clone(), layout.columns.len());
@@ -534,7 +604,7 @@ pub fn normalize_chunk(
     chunk: &mut Chunk,
 ) -> Vec<Check> {
     let sinks = config.sinks.len();
-    let mut checks = vec![Check::Ready { group: 0 }; chunk.len() * sinks];
+    let mut checks = vec![Check::Ready { group: 0, hash: 0 }; chunk.len() * sinks];
     for i in 0..chunk.len() {
         if !matches!(chunk.rows[i].outcome, Outcome::Pending) {
             continue;
@@ -576,12 +646,58 @@ pub fn normalize_chunk(
     checks
 }
 
+/// What the state says about rows, and which flags override it.
+pub struct Incremental {
+    /// Per sink (config order): what was delivered before.
+    indexes: Vec<SinkIndex>,
+    /// `--full`: Chatfuel and Weni send everything again.
+    full: bool,
+    /// `--resend-messages`: CloudHumans sends again what it sent before.
+    resend_messages: bool,
+    /// `--resend-unknown`: CloudHumans sends messages an interrupted run may have sent.
+    resend_unknown: bool,
+}
+
+impl Incremental {
+    /// `Some(check)` when the state decides the row (`unchanged` / `unknown`), `None` to send it.
+    fn decide(
+        &self,
+        s: usize,
+        sink_config: &SinkConfig,
+        phone: crate::phone::E164,
+        hash: u64,
+    ) -> Option<Check> {
+        let index = self.indexes.get(s)?;
+        match sink_config {
+            SinkConfig::CloudHumans(c) => {
+                if !self.resend_messages && index.delivered(phone).is_some() {
+                    return Some(Check::Unchanged);
+                }
+                if !self.resend_unknown
+                    && let Some(since) = index.in_flight_since(phone)
+                {
+                    return Some(Check::Unknown(
+                        format!(
+                            "an interrupted run (at unix time {since}) may have sent template {} already; not resent (--resend-unknown sends it again)",
+                            c.template_name
+                        )
+                        .into(),
+                    ));
+                }
+                None
+            }
+            _ => (!self.full && index.delivered(phone) == Some(hash)).then_some(Check::Unchanged),
+        }
+    }
+}
+
 /// Merger: back in input order, dedup, `max_messages`, the request plan.
 fn merge(
     config: &Config,
     rx: Receiver<Result<Checked, SourceError>>,
     tx: Sender<ReportMsg>,
     delivery: Option<&Delivery>,
+    incremental: &Incremental,
 ) -> Result<(Vec<SinkPlan>, u64), SourceError> {
     let sinks = config.sinks.len();
     let mut dedup = Dedup::new();
@@ -613,9 +729,13 @@ fn merge(
                 }
                 for (s, sink_config) in config.sinks.iter().enumerate() {
                     let check = &mut checked.checks[i * sinks + s];
-                    let Check::Ready { group } = *check else {
+                    let Check::Ready { group, hash } = *check else {
                         continue;
                     };
+                    if let Some(decided) = incremental.decide(s, sink_config, phone, hash) {
+                        *check = decided;
+                        continue;
+                    }
                     if let SinkConfig::CloudHumans(c) = sink_config
                         && c.max_messages.is_some_and(|max| sent_rows[s] >= max)
                     {
@@ -632,7 +752,7 @@ fn merge(
                     if let Some(delivery) = delivery {
                         let row = RowView { chunk, index: i };
                         let item = SinkItem {
-                            meta: item_meta(&delivery.layout, chunk, i, raw_column, phone),
+                            meta: item_meta(&delivery.layout, chunk, i, raw_column, phone, hash),
                             payload: sink::build(sink_config, row, phone, group),
                         };
                         delivery.progress[s].queued.fetch_add(1, Ordering::Relaxed);
@@ -671,6 +791,7 @@ fn item_meta(
     i: usize,
     raw_column: u8,
     phone: crate::phone::E164,
+    hash: u64,
 ) -> ItemMeta {
     ItemMeta {
         source: chunk.source_name.clone(),
@@ -678,6 +799,7 @@ fn item_meta(
         record_id: layout.id.map(|c| chunk.cell(i, c)).unwrap_or("").into(),
         phone_raw: chunk.cell(i, layout.phones[raw_column as usize]).into(),
         phone,
+        hash,
     }
 }
 
@@ -721,7 +843,13 @@ fn write_report(
 ) -> Result<Counts, ReportError> {
     let mut source_names: Vec<Arc<str>> = Vec::new();
     let sinks = kinds.len();
+    let mut last_flush = Instant::now();
     for message in rx {
+        // At most a second of finished rows is lost if the process is killed.
+        if last_flush.elapsed() >= Duration::from_secs(1) {
+            report.flush()?;
+            last_flush = Instant::now();
+        }
         let checked = match message {
             ReportMsg::Chunk(checked) => checked,
             ReportMsg::Rows(rows) => {
@@ -801,6 +929,8 @@ fn write_report(
                             // In a real run the sink reports this row when its request ends.
                             Check::Ready { .. } if !dry_run => continue,
                             Check::Ready { .. } => (Status::DryRun, ""),
+                            Check::Unchanged => (Status::Unchanged, ""),
+                            Check::Unknown(d) => (Status::Unknown, &**d),
                             Check::Rejected(d) => (Status::Rejected, &**d),
                             Check::Skipped(d) => (Status::Skipped, &**d),
                         };

@@ -231,6 +231,13 @@ pub fn render_summary(outcome: &RunOutcome) -> String {
             let _ = writeln!(out, "{line}");
         }
     }
+    if outcome.interrupted {
+        let _ = writeln!(
+            out,
+            "\nInterrupted (Ctrl-C) after {} rows: rows not read are not in this report; run the same command again to continue (delivered rows end `unchanged`).",
+            thousands(outcome.input_rows)
+        );
+    }
     if !outcome.sinks.is_empty() {
         let _ = writeln!(out, "\nDelivery:");
         for s in &outcome.sinks {

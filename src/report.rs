@@ -106,6 +106,8 @@ pub struct ReportError {
 
 trait Sink {
     fn write(&mut self, row: &ReportRow<'_>) -> Result<(), String>;
+    /// Pushes buffered rows to the file (Parquet: none until the next row group).
+    fn flush(&mut self) -> Result<(), String>;
     fn finish(self: Box<Self>) -> Result<(), String>;
 }
 
@@ -184,6 +186,15 @@ impl Report {
         &self.e164
     }
 
+    /// Pushes buffered rows to the file, so a run that is killed leaves the
+    /// rows it finished.
+    pub fn flush(&mut self) -> Result<(), ReportError> {
+        self.out.flush().map_err(|message| ReportError {
+            path: self.path.clone(),
+            message,
+        })
+    }
+
     pub fn counts(&self) -> &Counts {
         &self.counts
     }
@@ -234,6 +245,10 @@ impl Sink for CsvSink {
         self.w.write_record(fields).map_err(|e| e.to_string())
     }
 
+    fn flush(&mut self) -> Result<(), String> {
+        self.w.flush().map_err(|e| e.to_string())
+    }
+
     fn finish(mut self: Box<Self>) -> Result<(), String> {
         self.w.flush().map_err(|e| e.to_string())
     }
@@ -273,6 +288,10 @@ impl Sink for JsonlSink {
         };
         serde_json::to_writer(&mut self.w, &row).map_err(|e| e.to_string())?;
         self.w.write_all(b"\n").map_err(|e| e.to_string())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.w.flush().map_err(|e| e.to_string())
     }
 
     fn finish(mut self: Box<Self>) -> Result<(), String> {
@@ -373,6 +392,11 @@ impl Sink for ParquetSink {
         if self.buffered >= PARQUET_BATCH {
             self.flush_batch()?;
         }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        // A Parquet file is only readable once closed; rows go out per row group.
         Ok(())
     }
 

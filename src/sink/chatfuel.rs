@@ -6,7 +6,6 @@
 //! Re-posting a phone sets the same properties again, so retries are safe.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -15,6 +14,7 @@ use tokio::sync::mpsc;
 use super::{Check, ItemMeta, Payload, RowView, SinkItem, SinkRuntime};
 use crate::config::{ChatfuelConfig, SinkConfig};
 use crate::report::Status;
+use crate::state::PayloadHasher;
 
 /// Property columns bound to projected-column indices (set by the pipeline).
 pub fn property_column_indices(
@@ -39,21 +39,19 @@ fn row_properties<'a>(
     })
 }
 
-/// Rows with equal property sets share batches; the group is a hash of the set.
+/// Rows with equal property sets share batches; the group is a stable hash of
+/// the whole set, which is also the row's payload hash for the state.
 pub fn check(config: &ChatfuelConfig, row: RowView<'_>) -> Check {
-    let columns = &config.bound_property_columns;
-    if columns.is_empty() {
-        return Check::Ready { group: 0 };
+    let mut hasher = PayloadHasher::default();
+    for (prop, value) in &config.properties {
+        hasher.add(prop.as_bytes()).add(value.as_bytes());
     }
-    // std's SipHash with fixed keys: deterministic across threads and runs.
-    let mut hasher = std::hash::DefaultHasher::new();
-    for (prop, value) in row_properties(columns, row) {
-        prop.hash(&mut hasher);
-        value.hash(&mut hasher);
+    hasher.add(b"--per-row--");
+    for (prop, value) in row_properties(&config.bound_property_columns, row) {
+        hasher.add(prop.as_bytes()).add(value.as_bytes());
     }
-    Check::Ready {
-        group: hasher.finish(),
-    }
+    let hash = hasher.finish();
+    Check::Ready { group: hash, hash }
 }
 
 /// The full property set of a row: static properties, then per-row ones.
@@ -126,6 +124,10 @@ async fn send(sink: &SinkRuntime, batch: Batch) {
     let SinkConfig::Chatfuel(config) = &sink.config else {
         return;
     };
+    if sink.interrupted() {
+        sink.report_interrupted(batch.metas);
+        return;
+    }
     let url = format!(
         "{}/api/contacts/{}/whatsapp/",
         config.common.base_url, config.automation_id

@@ -14,10 +14,11 @@ use super::{Check, Payload, RowView, SinkItem, SinkRuntime};
 use crate::config::{CloudHumansConfig, SinkConfig};
 use crate::phone::E164;
 use crate::report::Status;
+use crate::state::PayloadHasher;
 
 /// The only per-row rule the API documents beyond E.164: `header_attachment`
 /// must be an http(s) URL of at most 2,000 characters.
-pub fn check(config: &CloudHumansConfig, row: RowView<'_>) -> Check {
+pub fn check(config: &CloudHumansConfig, row: RowView<'_>, phone: E164) -> Check {
     if let Some(header) = &config.header_attachment
         && let Some(url) = header.render(|i| row.cell(i))
         && (!(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2000)
@@ -26,7 +27,18 @@ pub fn check(config: &CloudHumansConfig, row: RowView<'_>) -> Check {
             "header_attachment must be an http(s) URL of at most 2000 characters".into(),
         );
     }
-    Check::Ready { group: 0 }
+    // Recorded for the record only: a template goes to a phone at most once,
+    // whatever its variables (SPEC "Incremental sync").
+    let mut hash = PayloadHasher::default();
+    if let serde_json::Value::Object(body) = body(config, row, phone) {
+        for (k, v) in body {
+            hash.add(k.as_bytes()).add(v.to_string().as_bytes());
+        }
+    }
+    Check::Ready {
+        group: 0,
+        hash: hash.finish(),
+    }
 }
 
 /// The request body: fixed keys, `button_param_N`, then template variables at the root.
@@ -80,6 +92,20 @@ async fn send(sink: &SinkRuntime, item: SinkItem) {
     let Payload::Json(body) = &item.payload else {
         return;
     };
+    if sink.interrupted() {
+        sink.report_interrupted(vec![item.meta]);
+        return;
+    }
+    // State before effect: the marker is durable before the message can leave.
+    if !sink.mark_in_flight(&item.meta).await {
+        sink.report(
+            vec![item.meta],
+            Status::Failed,
+            None,
+            "not sent: the state could not record it as in flight",
+        );
+        return;
+    }
     let finished = sink
         .uploader
         .execute(

@@ -21,6 +21,7 @@ use crate::config::{SinkConfig, SinkKind};
 use crate::phone::E164;
 use crate::record::Chunk;
 use crate::report::Status;
+use crate::state::StateWriter;
 
 pub mod chatfuel;
 pub mod cloudhumans;
@@ -31,8 +32,14 @@ pub mod weni;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Check {
     /// The request can be built. `group` is Chatfuel's property-set hash (0 elsewhere):
-    /// rows with equal groups share batches.
-    Ready { group: u64 },
+    /// rows with equal groups share batches. `hash` identifies the payload, for the
+    /// incremental state.
+    Ready { group: u64, hash: u64 },
+    /// Delivered before with the same payload (or, for CloudHumans, the same
+    /// template): `unchanged`, not sent.
+    Unchanged,
+    /// A CloudHumans message an interrupted run may have sent: `unknown`, not resent.
+    Unknown(Box<str>),
     /// The platform would refuse it by its own rules (e.g. Weni's 8–15 digits): `rejected`.
     Rejected(Box<str>),
     /// Not attempted (e.g. past `max_messages`): `skipped`.
@@ -58,7 +65,7 @@ pub fn check(sink: &SinkConfig, row: RowView<'_>, phone: E164) -> Check {
     match sink {
         SinkConfig::Chatfuel(c) => chatfuel::check(c, row),
         SinkConfig::Weni(c) => weni::check(c, row, phone),
-        SinkConfig::CloudHumans(c) => cloudhumans::check(c, row),
+        SinkConfig::CloudHumans(c) => cloudhumans::check(c, row, phone),
     }
 }
 
@@ -70,6 +77,8 @@ pub struct ItemMeta {
     pub record_id: Box<str>,
     pub phone_raw: Box<str>,
     pub phone: E164,
+    /// The payload hash recorded in the state once delivered.
+    pub hash: u64,
 }
 
 /// The per-record part of a request.
@@ -135,6 +144,10 @@ pub struct SinkRuntime {
     pub uploader: http::Uploader,
     pub progress: Arc<SinkProgress>,
     outcomes: Outcomes,
+    /// Where deliveries are recorded, and this sink's scope index in it.
+    state: Option<(StateWriter, usize)>,
+    /// Set by Ctrl-C: requests not started yet end `skipped`.
+    interrupted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SinkRuntime {
@@ -143,6 +156,8 @@ impl SinkRuntime {
         token: String,
         progress: Arc<SinkProgress>,
         outcomes: Outcomes,
+        state: Option<(StateWriter, usize)>,
+        interrupted: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<SinkRuntime, reqwest::Error> {
         // CloudHumans sends a WhatsApp message per call: never resent when it may have landed.
         let idempotent = !matches!(config, SinkConfig::CloudHumans(_));
@@ -153,7 +168,33 @@ impl SinkRuntime {
             uploader,
             progress,
             outcomes,
+            state,
+            interrupted,
         })
+    }
+
+    /// Ctrl-C was pressed: take no new request.
+    pub fn interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
+    }
+
+    /// Reports `metas` as not attempted because of Ctrl-C.
+    pub fn report_interrupted(&self, metas: Vec<ItemMeta>) {
+        self.report(
+            metas,
+            Status::Skipped,
+            None,
+            "interrupted (Ctrl-C) before sending; the next run sends it",
+        );
+    }
+
+    /// CloudHumans: commits the in-flight marker before the request leaves.
+    /// `false`: the state cannot be written, so the message must not be sent.
+    pub async fn mark_in_flight(&self, meta: &ItemMeta) -> bool {
+        match &self.state {
+            Some((writer, scope)) => writer.mark_in_flight(*scope, meta.phone, meta.hash).await,
+            None => true,
+        }
     }
 
     pub fn kind(&self) -> SinkKind {
@@ -187,7 +228,9 @@ impl SinkRuntime {
         (self.outcomes)(rows);
     }
 
-    /// Reports a finished request: `success` is the status of a success.
+    /// Reports a finished request: `success` is the status of a success. Records
+    /// deliveries in the state; clears the in-flight markers of requests the
+    /// platform answered (an `unknown` keeps its marker: the message may have gone).
     pub fn report_finished(
         &self,
         metas: Vec<ItemMeta>,
@@ -195,6 +238,15 @@ impl SinkRuntime {
         success: Status,
     ) {
         use http::Ended;
+        if let Some((writer, scope)) = &self.state {
+            for meta in &metas {
+                match &finished.ended {
+                    Ended::Success => writer.delivered(*scope, meta.phone, meta.hash),
+                    Ended::Unknown(_) => {}
+                    _ => writer.clear_in_flight(*scope, meta.phone),
+                }
+            }
+        }
         let (status, detail) = match &finished.ended {
             Ended::Success => (success, String::new()),
             Ended::Rejected(r) | Ended::AuthRefused(r) => (Status::Rejected, r.clone()),

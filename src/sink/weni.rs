@@ -21,6 +21,7 @@ use super::{Check, Payload, RowView, SinkItem, SinkRuntime};
 use crate::config::{SinkConfig, UrnScheme, WeniConfig, WeniMode};
 use crate::phone::{E164, weni_digit_count_ok};
 use crate::report::Status;
+use crate::state::PayloadHasher;
 
 /// The URN of a number in the configured scheme (API.md §1.3.1).
 pub fn urn(scheme: UrnScheme, phone: E164) -> String {
@@ -42,24 +43,47 @@ pub fn check(config: &WeniConfig, row: RowView<'_>, phone: E164) -> Check {
             .into(),
         );
     }
+    let mut hash = PayloadHasher::default();
+    hash.add(urn(config.urn_scheme, phone).as_bytes());
     if config.mode == WeniMode::Delete {
-        return Check::Ready { group: 0 };
+        hash.add(b"delete");
+        return Check::Ready {
+            group: 0,
+            hash: hash.finish(),
+        };
     }
-    if let Some(name) = &config.name
-        && let Some(name) = name.render(|i| row.cell(i))
-        && name.chars().count() > 100
-    {
+    let name = config.name.as_ref().and_then(|t| t.render(|i| row.cell(i)));
+    if name.as_ref().is_some_and(|n| n.chars().count() > 100) {
         return Check::Rejected("Contact name cannot exceed 100 characters.".into());
     }
-    if let Some(language) = &config.language
-        && let Some(language) = language.render(|i| row.cell(i))
+    let language = config
+        .language
+        .as_ref()
+        .and_then(|t| t.render(|i| row.cell(i)));
+    if let Some(language) = &language
         && !(language.len() == 3 && language.bytes().all(|b| b.is_ascii_lowercase()))
     {
         return Check::Rejected(
             format!("Not a valid ISO639-3 language code: \"{language}\".").into(),
         );
     }
-    Check::Ready { group: 0 }
+    // The payload hash covers everything the upsert body carries.
+    hash.add(b"name")
+        .add(name.as_deref().unwrap_or("\0").as_bytes());
+    hash.add(b"language")
+        .add(language.as_deref().unwrap_or("\0").as_bytes());
+    for group in &config.groups {
+        hash.add(b"group").add(group.as_bytes());
+    }
+    for (key, t) in &config.fields {
+        if let Some(value) = t.render(|i| row.cell(i)) {
+            hash.add(key.as_bytes()).add(value.as_bytes());
+        }
+    }
+    Check::Ready {
+        group: 0,
+        hash: hash.finish(),
+    }
 }
 
 /// The upsert body: keys whose placeholders render empty are left out, so an
@@ -271,6 +295,10 @@ async fn send(sink: &SinkRuntime, item: SinkItem) {
     let SinkConfig::Weni(config) = &sink.config else {
         return;
     };
+    if sink.interrupted() {
+        sink.report_interrupted(vec![item.meta]);
+        return;
+    }
     let url = format!("{}/api/v2/contacts.json", config.common.base_url);
     let urn = urn(config.urn_scheme, item.meta.phone);
     let query = [("urn", urn.as_str())];

@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+pub mod rig;
+
 /// One report row: column → value.
 pub type Row = HashMap<String, String>;
 

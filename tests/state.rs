@@ -1,0 +1,239 @@
+//! Incremental sync and crash safety: the real binary against the sandbox
+//! (in this test process), with the SQLite state in the run's directory.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::assert_invariant;
+use common::rig::*;
+use crm_import::sandbox::Faults;
+
+fn requests(log: &crm_import::sandbox::SandboxLog) -> u64 {
+    log.stats.values().map(|s| s.requests).sum()
+}
+
+#[test]
+fn an_unchanged_rerun_sends_nothing_and_a_1_percent_change_sends_exactly_that() {
+    let rig = Rig::new(sandbox_options());
+    let mut rows = phones(300);
+    let n = rig.input(&rows);
+    let first = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+
+    // Unchanged: zero requests of any kind (no Weni preparation either).
+    let before = requests(&first.log);
+    let second = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(
+        requests(&second.log),
+        before,
+        "an unchanged re-run makes no request at all"
+    );
+    assert_invariant(&second.report, &SINKS, &[("in.csv", n)]);
+    assert!(
+        second.report.iter().all(|r| r["status"] == "unchanged"),
+        "every row unchanged"
+    );
+
+    // Change the plan of 1% of the rows (3 of 300).
+    for i in [10, 150, 299] {
+        rows[i].1 = "platinum".into();
+    }
+    rig.input(&rows);
+    let chatfuel_before = second.log.chatfuel.requests.len();
+    let weni_writes_before = second.log.weni.writes.len();
+    let third = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(third.code, 0, "{}", third.stderr);
+    assert_invariant(&third.report, &SINKS, &[("in.csv", n)]);
+    let changed: HashSet<String> = [11, 151, 300].iter().map(|r| r.to_string()).collect();
+    for r in &third.report {
+        let expected = match (r["sink"].as_str(), changed.contains(&r["row"])) {
+            ("chatfuel", true) => "sent",
+            ("weni", true) => "updated",
+            _ => "unchanged", // CloudHumans sends a template at most once per phone
+        };
+        assert_eq!(r["status"], expected, "{r:?}");
+    }
+    let new_chatfuel = &third.log.chatfuel.requests[chatfuel_before..];
+    assert_eq!(
+        new_chatfuel.len(),
+        1,
+        "the changed rows are batched together"
+    );
+    assert_eq!(new_chatfuel[0].phones.len(), 3);
+    assert_eq!(third.log.weni.writes.len() - weni_writes_before, 3);
+}
+
+#[test]
+fn full_and_resend_flags_and_dry_run_reading_the_state() {
+    let rig = Rig::new(sandbox_options());
+    let n = rig.input(&phones(20));
+    assert_eq!(rig.run(&config("", "", ""), [TOKEN; 3]).code, 0);
+    let state = rig.path("crm-import-state.db");
+    let modified = std::fs::metadata(&state).unwrap().modified().unwrap();
+
+    // A dry run shows what would be skipped, and never writes the state.
+    let dry = rig.run_args(&config("", "", ""), [TOKEN; 3], &["--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(dry.report.iter().all(|r| r["status"] == "unchanged"));
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().modified().unwrap(),
+        modified
+    );
+
+    // --full resends to Chatfuel and Weni, never to CloudHumans.
+    let messages = rig.log().cloudhumans.messages.len();
+    let full = rig.run_args(&config("", "", ""), [TOKEN; 3], &["--full"]);
+    assert_eq!(full.code, 0, "{}", full.stderr);
+    assert_invariant(&full.report, &SINKS, &[("in.csv", n)]);
+    for r in &full.report {
+        let expected = match r["sink"].as_str() {
+            "chatfuel" => "sent",
+            "weni" => "updated",
+            _ => "unchanged",
+        };
+        assert_eq!(r["status"], expected);
+    }
+    assert_eq!(full.log.cloudhumans.messages.len(), messages);
+
+    // --resend-messages sends the templates again.
+    let again = rig.run_args(&config("", "", ""), [TOKEN; 3], &["--resend-messages"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.log.cloudhumans.messages.len(), messages + 20);
+}
+
+#[test]
+fn rows_that_failed_or_were_skipped_are_sent_by_the_next_run() {
+    let rig = Rig::new(sandbox_options());
+    let n = rig.input(&phones(30));
+    let refused = rig.run(&config("", "", ""), ["wrong", TOKEN, TOKEN]);
+    assert_eq!(refused.code, 2);
+    let retried = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(retried.code, 0, "{}", retried.stderr);
+    assert_invariant(&retried.report, &SINKS, &[("in.csv", n)]);
+    for r in &retried.report {
+        let expected = if r["sink"] == "chatfuel" {
+            "sent"
+        } else {
+            "unchanged"
+        };
+        assert_eq!(r["status"], expected, "{r:?}");
+    }
+}
+
+#[test]
+fn a_message_in_flight_at_a_crash_ends_unknown_and_is_not_resent() {
+    // CloudHumans applies each message, then answers only after 30 s: we kill the
+    // run while its requests hang, after their effect.
+    let mut options = sandbox_options();
+    options.cloudhumans.faults = Faults {
+        slow_rate: 1.0,
+        slow_delay: Duration::from_secs(30),
+        ..Faults::default()
+    };
+    let rig = Rig::new(options);
+    let n = rig.input(&phones(10));
+    let cfg = config(
+        "enabled = false",
+        "enabled = false",
+        "concurrency = 3\ntimeout = \"60s\"",
+    );
+    let mut child = rig.spawn(&cfg, "killed.csv");
+    assert!(rig.wait_until(
+        Duration::from_secs(30),
+        |log| log.cloudhumans.messages.len() >= 3
+    ));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let hung: HashSet<String> = rig
+        .log()
+        .cloudhumans
+        .messages
+        .iter()
+        .map(|m| m.phone_number.clone())
+        .collect();
+    assert_eq!(hung.len(), 3);
+
+    // The next run (the platform is healthy again) must not message those 3 again.
+    let out = rig.run(
+        &cfg.replace("timeout = \"60s\"", "timeout = \"100ms\""),
+        [TOKEN; 3],
+    );
+    assert_invariant(&out.report, &["cloudhumans"], &[("in.csv", n)]);
+    for r in &out.report {
+        if hung.contains(&r["phone_e164"]) {
+            assert_eq!(r["status"], "unknown", "{r:?}");
+            assert!(r["detail"].contains("--resend-unknown"), "{}", r["detail"]);
+        }
+    }
+    let counts = times_messaged(&rig);
+    for phone in &hung {
+        assert_eq!(counts[phone], 1, "{phone} was messaged again");
+    }
+}
+
+fn times_messaged(rig: &Rig) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for m in rig.log().cloudhumans.messages {
+        *counts.entry(m.phone_number).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn kill_9_at_several_moments_then_rerun_loses_nothing_and_never_messages_twice() {
+    let mut options = sandbox_options();
+    for platform in [
+        &mut options.chatfuel,
+        &mut options.weni,
+        &mut options.cloudhumans,
+    ] {
+        platform.faults.latency = Duration::from_millis(3);
+    }
+    let rig = Rig::new(options);
+    let rows = phones(240);
+    let n = rig.input(&rows);
+    // Slow enough that a run lasts about two seconds: room to kill it mid-way.
+    let cfg = config(
+        "batch_size = 10\nrate = \"40/s\"",
+        "rate = \"150/s\"",
+        "rate = \"150/s\"",
+    );
+    let mut reports = Vec::new();
+    for (i, threshold) in [5usize, 60, 150].into_iter().enumerate() {
+        let name = format!("killed-{i}.csv");
+        let mut child = rig.spawn(&cfg, &name);
+        let reached = rig.wait_until(Duration::from_secs(60), |log| {
+            log.cloudhumans.messages.len() >= threshold
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(reached, "the run reached {threshold} messages");
+        // A killed run's report holds the rows it finished (maybe none yet).
+        let text = std::fs::read_to_string(rig.path(&name)).unwrap_or_default();
+        reports.push(text.lines().count().saturating_sub(1));
+    }
+    let last = rig.run(&cfg, [TOKEN; 3]);
+    assert!(last.code == 0 || last.code == 2, "{}", last.stderr);
+    // The last run's report covers every input row on its own.
+    assert_invariant(&last.report, &SINKS, &[("in.csv", n)]);
+    // No CloudHumans phone messaged twice, across all runs.
+    for (phone, times) in times_messaged(&rig) {
+        assert_eq!(times, 1, "{phone} messaged {times} times");
+    }
+    // Every valid unique phone ends delivered (or unknown for CloudHumans).
+    let delivered = ["sent", "created", "updated", "unchanged"];
+    for r in &last.report {
+        let ok = delivered.contains(&r["status"].as_str())
+            || (r["sink"] == "cloudhumans" && r["status"] == "unknown");
+        assert!(ok, "{r:?}");
+    }
+    // And what the sandbox holds matches: every phone reached Chatfuel and Weni.
+    let [chatfuel, weni, _] = received(&last.log);
+    assert_eq!(chatfuel.len(), 240);
+    assert_eq!(weni.len(), 240);
+    // The killed runs' reports hold only rows they finished (a partial file is fine).
+    assert!(reports.iter().all(|&rows| rows <= n as usize * 3));
+}
