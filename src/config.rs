@@ -426,8 +426,8 @@ pub struct ColumnUse {
 /// Weni value types (API.md §1.4).
 const WENI_VALUE_TYPES: [&str; 6] = ["text", "numeric", "datetime", "state", "district", "ward"];
 
-/// Weni reserved field keys (API.md §1.4).
-const WENI_RESERVED_KEYS: [&str; 23] = [
+/// Weni reserved field keys (API.md §1.4): the fixed names plus every URN scheme.
+pub const WENI_RESERVED_KEYS: [&str; 23] = [
     "id",
     "name",
     "first_name",
@@ -687,40 +687,16 @@ fn common(
             format!("is \"{rate_text}\"; write requests per second, minute or hour: \"1/s\", \"50/min\", \"3000/h\""),
         )
     })?;
-    let concurrency = match raw.concurrency {
-        None => concurrency,
-        Some(c) if (1..=256).contains(&c) => c as usize,
-        Some(c) => {
-            return Err(invalid(
-                &key("concurrency"),
-                format!("is {c}; use 1 to 256"),
-            ));
-        }
-    };
-    let timeout_text = raw.timeout.unwrap_or_else(|| "30s".into());
-    let timeout = parse_duration(&timeout_text).ok_or_else(|| {
-        invalid(
-            &key("timeout"),
-            format!("is \"{timeout_text}\"; write a duration such as \"30s\" or \"500ms\""),
-        )
-    })?;
-    let max_retries = match raw.max_retries {
-        None => 8,
-        Some(r) if (0..=100).contains(&r) => r as u32,
-        Some(r) => {
-            return Err(invalid(
-                &key("max_retries"),
-                format!("is {r}; use 0 to 100"),
-            ));
-        }
-    };
-    let backoff_text = raw.retry_backoff.unwrap_or_else(|| "250ms".into());
-    let retry_backoff = parse_duration(&backoff_text).ok_or_else(|| {
-        invalid(
-            &key("retry_backoff"),
-            format!("is \"{backoff_text}\"; write a duration such as \"250ms\""),
-        )
-    })?;
+    let concurrency = int_key(
+        raw.concurrency,
+        concurrency as i64,
+        1..=256,
+        &key("concurrency"),
+        invalid,
+    )? as usize;
+    let timeout = duration_key(raw.timeout, "30s", &key("timeout"), invalid)?;
+    let max_retries = int_key(raw.max_retries, 8, 0..=100, &key("max_retries"), invalid)? as u32;
+    let retry_backoff = duration_key(raw.retry_backoff, "250ms", &key("retry_backoff"), invalid)?;
     Ok(SinkCommon {
         base_url: base_url.trim_end_matches('/').to_owned(),
         token_env,
@@ -729,6 +705,40 @@ fn common(
         timeout,
         max_retries,
         retry_backoff,
+    })
+}
+
+/// An integer key within `range`, or its default.
+fn int_key(
+    value: Option<i64>,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+    key: &str,
+    invalid: &Invalid<'_>,
+) -> Result<i64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) if range.contains(&v) => Ok(v),
+        Some(v) => Err(invalid(
+            key,
+            format!("is {v}; use {} to {}", range.start(), range.end()),
+        )),
+    }
+}
+
+/// A duration key ("30s", "250ms"), or its default.
+fn duration_key(
+    value: Option<String>,
+    default: &str,
+    key: &str,
+    invalid: &Invalid<'_>,
+) -> Result<Duration, ConfigError> {
+    let text = value.unwrap_or_else(|| default.to_owned());
+    parse_duration(&text).ok_or_else(|| {
+        invalid(
+            key,
+            format!("is \"{text}\"; write a duration such as \"{default}\" or \"500ms\""),
+        )
     })
 }
 

@@ -237,3 +237,53 @@ fn kill_9_at_several_moments_then_rerun_loses_nothing_and_never_messages_twice()
     // The killed runs' reports hold only rows they finished (a partial file is fine).
     assert!(reports.iter().all(|&rows| rows <= n as usize * 3));
 }
+
+#[test]
+fn ctrl_c_finishes_requests_in_flight_flushes_state_and_report_and_exits_2() {
+    let rig = Rig::new(sandbox_options());
+    let n = rig.input(&phones(200));
+    // Weni at 50/s: about four seconds of sending, interrupted after 20 contacts.
+    let cfg = config("enabled = false", "rate = \"50/s\"", "enabled = false");
+    let mut child = rig.spawn(&cfg, "interrupted.csv");
+    assert!(rig.wait_until(Duration::from_secs(30), |log| log.weni.writes.len() >= 20));
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "an interrupted run exits 2");
+    let report = common::read_report(&rig.path("interrupted.csv"));
+    // Every row was read before the interrupt (one chunk), so every row is accounted for.
+    assert_invariant(&report, &["weni"], &[("in.csv", n)]);
+    let created: HashSet<String> = report
+        .iter()
+        .filter(|r| r["status"] == "created")
+        .map(|r| r["row"].clone())
+        .collect();
+    assert!(
+        created.len() >= 20 && created.len() < 200,
+        "{} created",
+        created.len()
+    );
+    for r in report.iter().filter(|r| r["status"] != "created") {
+        assert_eq!(r["status"], "skipped", "{r:?}");
+        assert!(r["detail"].contains("interrupted"), "{}", r["detail"]);
+    }
+    // The state holds what was delivered: the next run sends only the rest.
+    let writes_before = rig.log().weni.writes.len();
+    let next = rig.run(&cfg, [TOKEN; 3]);
+    assert_eq!(next.code, 0, "{}", next.stderr);
+    for r in &next.report {
+        let expected = if created.contains(&r["row"]) {
+            "unchanged"
+        } else {
+            "created"
+        };
+        assert_eq!(r["status"], expected, "{r:?}");
+    }
+    assert_eq!(
+        next.log.weni.writes.len() - writes_before,
+        200 - created.len()
+    );
+}

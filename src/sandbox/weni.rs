@@ -33,24 +33,6 @@ use super::{ConnKill, Platform, SandboxOptions, Shared, SlidingWindow};
 /// Per-org caps (`ORG_LIMIT_DEFAULTS`).
 const MAX_FIELDS: usize = 250;
 const MAX_GROUPS: usize = 250;
-/// Keys a field label may not derive to.
-const RESERVED_KEYS: [&str; 15] = [
-    "id",
-    "name",
-    "first_name",
-    "language",
-    "groups",
-    "uuid",
-    "created_on",
-    "created_by",
-    "modified_by",
-    "is",
-    "has",
-    "tel",
-    "whatsapp",
-    "mailto",
-    "ext",
-];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WeniContact {
@@ -358,19 +340,50 @@ async fn contacts(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response<Body> {
-    if let Some(response) = shared.before(Platform::Weni, &kill).await {
-        return response;
-    }
-    if let Err(response) = gate(&shared, &headers, "v2.contacts") {
-        return response;
-    }
-    let response = match method {
+    serve(&shared, &kill, &headers, "v2.contacts", || match method {
         Method::GET => list_contacts(&shared, &headers, &query),
         Method::POST => write_contact(&shared, &query, &body),
         Method::DELETE => delete_contact(&shared, &query),
         _ => not_allowed(&method),
+    })
+    .await
+}
+
+/// Every Weni endpoint: injected faults, auth, the scope's throttle, the
+/// handler, then the post-effect faults.
+async fn serve(
+    shared: &Shared,
+    kill: &ConnKill,
+    headers: &HeaderMap,
+    scope: &str,
+    handle: impl FnOnce() -> Response<Body>,
+) -> Response<Body> {
+    if let Some(response) = shared.before(Platform::Weni, kill).await {
+        return response;
+    }
+    if let Err(response) = gate(shared, headers, scope) {
+        return response;
+    }
+    let response = handle();
+    shared.after(Platform::Weni, kill, response).await
+}
+
+/// A GET list: `items` built from the state, one cursor page of them.
+fn list(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    path: &str,
+    items: impl FnOnce(&WeniState) -> Vec<Value>,
+) -> Response<Body> {
+    let Ok(state) = shared.weni.lock() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    shared.after(Platform::Weni, &kill, response).await
+    let items = items(&state);
+    super::json(
+        StatusCode::OK,
+        page(&host(headers), path, query, items, state.page_size),
+    )
 }
 
 fn list_contacts(
@@ -378,32 +391,23 @@ fn list_contacts(
     headers: &HeaderMap,
     query: &HashMap<String, String>,
 ) -> Response<Body> {
-    let Ok(state) = shared.weni.lock() else {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    };
-    let mut order: Vec<usize> = (0..state.contacts.len())
-        .filter(|&i| state.contacts[i].active)
-        .collect();
-    if let Some(urn) = query.get("urn") {
-        let urn = normalize_urn(urn).unwrap_or_default();
-        order.retain(|&i| state.contacts[i].urns.contains(&urn));
-    }
-    if let Some(uuid) = query.get("uuid") {
-        order.retain(|&i| &state.contacts[i].uuid == uuid);
-    }
-    order.sort_by_key(|&i| std::cmp::Reverse(state.modified_seq[i]));
-    let items = order
-        .iter()
-        .map(|&i| state.contact_json(&state.contacts[i]))
-        .collect();
-    let page = page(
-        &host(headers),
-        "/api/v2/contacts.json",
-        query,
-        items,
-        state.page_size,
-    );
-    super::json(StatusCode::OK, page)
+    list(shared, headers, query, "/api/v2/contacts.json", |state| {
+        let mut order: Vec<usize> = (0..state.contacts.len())
+            .filter(|&i| state.contacts[i].active)
+            .collect();
+        if let Some(urn) = query.get("urn") {
+            let urn = normalize_urn(urn).unwrap_or_default();
+            order.retain(|&i| state.contacts[i].urns.contains(&urn));
+        }
+        if let Some(uuid) = query.get("uuid") {
+            order.retain(|&i| &state.contacts[i].uuid == uuid);
+        }
+        order.sort_by_key(|&i| std::cmp::Reverse(state.modified_seq[i]));
+        order
+            .iter()
+            .map(|&i| state.contact_json(&state.contacts[i]))
+            .collect()
+    })
 }
 
 fn write_contact(shared: &Shared, query: &HashMap<String, String>, body: &[u8]) -> Response<Body> {
@@ -793,39 +797,20 @@ async fn fields(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response<Body> {
-    if let Some(response) = shared.before(Platform::Weni, &kill).await {
-        return response;
-    }
-    if let Err(response) = gate(&shared, &headers, "v2") {
-        return response;
-    }
-    let response = match method {
-        Method::GET => {
-            let Ok(state) = shared.weni.lock() else {
-                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-            };
-            let items = state
+    serve(&shared, &kill, &headers, "v2", || match method {
+        Method::GET => list(&shared, &headers, &query, "/api/v2/fields.json", |state| {
+            state
                 .fields
                 .iter()
                 .rev()
                 .filter(|f| query.get("key").is_none_or(|k| k == &f.key))
                 .map(|f| json!({"key": f.key, "label": f.label, "value_type": f.value_type, "pinned": false}))
-                .collect();
-            super::json(
-                StatusCode::OK,
-                page(
-                    &host(&headers),
-                    "/api/v2/fields.json",
-                    &query,
-                    items,
-                    state.page_size,
-                ),
-            )
-        }
+                .collect()
+        }),
         Method::POST => create_field(&shared, &body),
         _ => not_allowed(&method),
-    };
-    shared.after(Platform::Weni, &kill, response).await
+    })
+    .await
 }
 
 fn create_field(shared: &Shared, body: &[u8]) -> Response<Body> {
@@ -882,7 +867,7 @@ fn create_field(shared: &Shared, body: &[u8]) -> Response<Body> {
     let key = field_key(label);
     let valid_key = key.len() <= 36
         && key.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-        && !RESERVED_KEYS.contains(&key.as_str());
+        && !crate::config::WENI_RESERVED_KEYS.contains(&key.as_str());
     if !valid_key {
         return one_error(
             "label",
@@ -921,50 +906,28 @@ async fn groups(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response<Body> {
-    if let Some(response) = shared.before(Platform::Weni, &kill).await {
-        return response;
-    }
-    if let Err(response) = gate(&shared, &headers, "v2") {
-        return response;
-    }
-    let response = match method {
-        Method::GET => {
-            if query.contains_key("uuid") && query.contains_key("name") {
-                detail(
-                    StatusCode::BAD_REQUEST,
-                    "You may only specify one of the uuid, name parameters",
-                )
-            } else {
-                let Ok(state) = shared.weni.lock() else {
-                    return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-                };
-                let items = state
-                    .groups
-                    .iter()
-                    .rev()
-                    .filter(|g| query.get("uuid").is_none_or(|u| u == &g.uuid))
-                    .filter(|g| query.get("name").is_none_or(|n| n.to_lowercase() == g.name.to_lowercase()))
-                    .map(|g| {
-                        let count = state.contacts.iter().filter(|c| c.active && c.groups.contains(&g.name)).count();
-                        json!({"uuid": g.uuid, "name": g.name, "query": null, "status": "ready", "count": count})
-                    })
-                    .collect();
-                super::json(
-                    StatusCode::OK,
-                    page(
-                        &host(&headers),
-                        "/api/v2/groups.json",
-                        &query,
-                        items,
-                        state.page_size,
-                    ),
-                )
-            }
-        }
+    serve(&shared, &kill, &headers, "v2", || match method {
+        Method::GET if query.contains_key("uuid") && query.contains_key("name") => detail(
+            StatusCode::BAD_REQUEST,
+            "You may only specify one of the uuid, name parameters",
+        ),
+        Method::GET => list(&shared, &headers, &query, "/api/v2/groups.json", |state| {
+            state
+                .groups
+                .iter()
+                .rev()
+                .filter(|g| query.get("uuid").is_none_or(|u| u == &g.uuid))
+                .filter(|g| query.get("name").is_none_or(|n| n.to_lowercase() == g.name.to_lowercase()))
+                .map(|g| {
+                    let count = state.contacts.iter().filter(|c| c.active && c.groups.contains(&g.name)).count();
+                    json!({"uuid": g.uuid, "name": g.name, "query": null, "status": "ready", "count": count})
+                })
+                .collect()
+        }),
         Method::POST => create_group(&shared, &body),
         _ => not_allowed(&method),
-    };
-    shared.after(Platform::Weni, &kill, response).await
+    })
+    .await
 }
 
 fn create_group(shared: &Shared, body: &[u8]) -> Response<Body> {
