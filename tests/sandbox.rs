@@ -392,3 +392,24 @@ fn weni_preparation_follows_pagination_and_creates_only_what_is_missing() {
     assert_eq!(second.log.stats["weni"].requests - before, 3 + 2 + n);
     assert_eq!(second.log.weni.fields.len(), 3);
 }
+
+#[test]
+fn max_messages_sends_the_first_n_in_input_order_and_skips_the_rest() {
+    let rig = Rig::new(sandbox_options());
+    let n = rig.input(&phones(20));
+    let out = rig.run(
+        &config("enabled = false", "enabled = false", "max_messages = 5"),
+        [TOKEN; 3],
+    );
+    assert_eq!(out.code, 2, "skipped rows make exit 2: {}", out.stderr);
+    assert_invariant(&out.report, &["cloudhumans"], &[("in.csv", n)]);
+    for r in &out.report {
+        let row: u64 = r["row"].parse().unwrap();
+        let expected = if row <= 5 { "sent" } else { "skipped" };
+        assert_eq!(r["status"], expected, "{r:?}");
+        if row > 5 {
+            assert_eq!(r["detail"], "max_messages (5) reached");
+        }
+    }
+    assert_eq!(out.log.cloudhumans.messages.len(), 5);
+}
