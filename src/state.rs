@@ -4,14 +4,18 @@
 //! # Schema (SQLite, WAL mode, at `[state] path`)
 //!
 //! ```sql
-//! meta(key TEXT PRIMARY KEY, value TEXT)              -- schema_version = 1
-//! delivered(sink TEXT, scope TEXT, phone INTEGER,      -- E.164 digits as an integer
+//! meta(key TEXT PRIMARY KEY, value TEXT)               -- schema_version = 1
+//! scopes(id INTEGER PRIMARY KEY, sink TEXT, scope TEXT, UNIQUE (sink, scope))
+//! delivered(scope_id INTEGER, phone INTEGER,            -- E.164 digits as an integer
 //!           payload_hash INTEGER, delivered_at INTEGER, -- FNV-1a of the request payload; unix seconds
-//!           PRIMARY KEY (sink, scope, phone)) WITHOUT ROWID
-//! in_flight(sink TEXT, scope TEXT, phone INTEGER,
+//!           PRIMARY KEY (scope_id, phone)) WITHOUT ROWID
+//! in_flight(scope_id INTEGER, phone INTEGER,
 //!           payload_hash INTEGER, started_at INTEGER,
-//!           PRIMARY KEY (sink, scope, phone)) WITHOUT ROWID
+//!           PRIMARY KEY (scope_id, phone)) WITHOUT ROWID
 //! ```
+//!
+//! Scopes are an integer id in the big tables, so that a row costs about 30
+//! bytes instead of repeating the `sink` and `scope` text in every row.
 //!
 //! `scope` separates what must not be mixed: Chatfuel's `automation_id`,
 //! CloudHumans' `template_name` (a phone gets each template at most once), and
@@ -154,14 +158,17 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, StateError> {
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS scopes (
+                 id INTEGER PRIMARY KEY, sink TEXT NOT NULL, scope TEXT NOT NULL,
+                 UNIQUE (sink, scope));
              CREATE TABLE IF NOT EXISTS delivered (
-                 sink TEXT NOT NULL, scope TEXT NOT NULL, phone INTEGER NOT NULL,
+                 scope_id INTEGER NOT NULL, phone INTEGER NOT NULL,
                  payload_hash INTEGER NOT NULL, delivered_at INTEGER NOT NULL,
-                 PRIMARY KEY (sink, scope, phone)) WITHOUT ROWID;
+                 PRIMARY KEY (scope_id, phone)) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS in_flight (
-                 sink TEXT NOT NULL, scope TEXT NOT NULL, phone INTEGER NOT NULL,
+                 scope_id INTEGER NOT NULL, phone INTEGER NOT NULL,
                  payload_hash INTEGER NOT NULL, started_at INTEGER NOT NULL,
-                 PRIMARY KEY (sink, scope, phone)) WITHOUT ROWID;",
+                 PRIMARY KEY (scope_id, phone)) WITHOUT ROWID;",
         )
         .map_err(|e| err(format!("cannot prepare the schema: {e}")))?;
         let version: Option<String> = conn
@@ -203,12 +210,25 @@ pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Vec<SinkIn
     let mut indexes = Vec::with_capacity(scopes.len());
     for scope in scopes {
         let mut index = SinkIndex::default();
-        // The primary key orders rows by phone within (sink, scope): no sort needed.
+        let id: Option<i64> = conn
+            .query_row(
+                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2",
+                params![scope.sink, scope.scope],
+                |r| r.get(0),
+            )
+            .ok();
+        let Some(id) = id else {
+            indexes.push(index);
+            continue;
+        };
+        // The primary key orders rows by phone within a scope: no sort needed.
         let mut stmt = conn
-            .prepare_cached("SELECT phone, payload_hash FROM delivered WHERE sink = ?1 AND scope = ?2 ORDER BY phone")
+            .prepare_cached(
+                "SELECT phone, payload_hash FROM delivered WHERE scope_id = ?1 ORDER BY phone",
+            )
             .map_err(err)?;
         let rows = stmt
-            .query_map(params![scope.sink, scope.scope], |r| {
+            .query_map(params![id], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
             })
             .map_err(err)?;
@@ -216,10 +236,12 @@ pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Vec<SinkIn
             index.delivered.push(row.map_err(err)?);
         }
         let mut stmt = conn
-            .prepare_cached("SELECT phone, started_at FROM in_flight WHERE sink = ?1 AND scope = ?2 ORDER BY phone")
+            .prepare_cached(
+                "SELECT phone, started_at FROM in_flight WHERE scope_id = ?1 ORDER BY phone",
+            )
             .map_err(err)?;
         let rows = stmt
-            .query_map(params![scope.sink, scope.scope], |r| {
+            .query_map(params![id], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)?))
             })
             .map_err(err)?;
@@ -281,9 +303,13 @@ impl StateWriter {
         scopes: Vec<Scope>,
     ) -> Result<(StateWriter, StateThread), StateError> {
         let conn = open(path, false)?;
+        let ids = scope_ids(&conn, &scopes).map_err(|e| StateError {
+            path: path.to_owned(),
+            message: format!("cannot register the sinks' scopes: {e}"),
+        })?;
         let (tx, rx) = unbounded();
         let path = path.to_owned();
-        let scopes = Arc::new(scopes);
+        let scopes = Arc::new(ids);
         let handle = std::thread::Builder::new()
             .name("crm-import-state".into())
             .spawn(move || write_loop(conn, &path, &scopes, rx))
@@ -331,10 +357,28 @@ impl StateWriter {
     }
 }
 
+/// The id of each scope in the `scopes` table, created when new.
+fn scope_ids(conn: &Connection, scopes: &[Scope]) -> rusqlite::Result<Vec<i64>> {
+    scopes
+        .iter()
+        .map(|s| {
+            conn.execute(
+                "INSERT INTO scopes (sink, scope) VALUES (?1, ?2) ON CONFLICT (sink, scope) DO NOTHING",
+                params![s.sink, s.scope],
+            )?;
+            conn.query_row(
+                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2",
+                params![s.sink, s.scope],
+                |r| r.get(0),
+            )
+        })
+        .collect()
+}
+
 fn write_loop(
     mut conn: Connection,
     path: &Path,
-    scopes: &[Scope],
+    scopes: &[i64],
     rx: Receiver<Op>,
 ) -> Result<u64, StateError> {
     let err = |e: rusqlite::Error| StateError {
@@ -362,28 +406,21 @@ fn write_loop(
             let mut acks = Vec::new();
             {
                 let mut delivered = tx.prepare_cached(
-                    "INSERT INTO delivered (sink, scope, phone, payload_hash, delivered_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (sink, scope, phone) DO UPDATE SET payload_hash = excluded.payload_hash, delivered_at = excluded.delivered_at",
+                    "INSERT INTO delivered (scope_id, phone, payload_hash, delivered_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (scope_id, phone) DO UPDATE SET payload_hash = excluded.payload_hash, delivered_at = excluded.delivered_at",
                 )?;
-                let mut clear = tx.prepare_cached(
-                    "DELETE FROM in_flight WHERE sink = ?1 AND scope = ?2 AND phone = ?3",
-                )?;
+                let mut clear =
+                    tx.prepare_cached("DELETE FROM in_flight WHERE scope_id = ?1 AND phone = ?2")?;
                 let mut mark = tx.prepare_cached(
-                    "INSERT INTO in_flight (sink, scope, phone, payload_hash, started_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (sink, scope, phone) DO UPDATE SET payload_hash = excluded.payload_hash, started_at = excluded.started_at",
+                    "INSERT INTO in_flight (scope_id, phone, payload_hash, started_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (scope_id, phone) DO UPDATE SET payload_hash = excluded.payload_hash, started_at = excluded.started_at",
                 )?;
                 for op in ops.drain(..) {
                     match op {
                         Op::Delivered { scope, phone, hash } => {
-                            let s = &scopes[scope];
-                            delivered.execute(params![
-                                s.sink,
-                                s.scope,
-                                phone as i64,
-                                hash as i64,
-                                now
-                            ])?;
-                            clear.execute(params![s.sink, s.scope, phone as i64])?;
+                            let id = scopes[scope];
+                            delivered.execute(params![id, phone as i64, hash as i64, now])?;
+                            clear.execute(params![id, phone as i64])?;
                         }
                         Op::InFlight {
                             scope,
@@ -391,13 +428,11 @@ fn write_loop(
                             hash,
                             ack,
                         } => {
-                            let s = &scopes[scope];
-                            mark.execute(params![s.sink, s.scope, phone as i64, hash as i64, now])?;
+                            mark.execute(params![scopes[scope], phone as i64, hash as i64, now])?;
                             acks.push(ack);
                         }
                         Op::ClearInFlight { scope, phone } => {
-                            let s = &scopes[scope];
-                            clear.execute(params![s.sink, s.scope, phone as i64])?;
+                            clear.execute(params![scopes[scope], phone as i64])?;
                         }
                     }
                     applied += 1;
