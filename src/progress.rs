@@ -31,12 +31,29 @@ struct Watched {
     rows: Arc<AtomicU64>,
     sinks: Vec<(SinkKind, Arc<SinkProgress>)>,
     started: Instant,
+    /// Rows and time at the previous display, for the current reading rate.
+    last: std::sync::Mutex<(u64, Instant)>,
 }
 
 impl Watched {
+    /// Rows accounted for, and the rate since the previous display (0/s once reading is done).
     fn rows_line(&self) -> String {
         let n = self.rows.load(Ordering::Relaxed);
-        let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let now = Instant::now();
+        let rate = match self.last.lock() {
+            Ok(mut last) => {
+                let (rows, at) = *last;
+                let secs = now.duration_since(at).as_secs_f64();
+                let rate = if secs > 0.0 {
+                    (n - rows.min(n)) as f64 / secs
+                } else {
+                    0.0
+                };
+                *last = (n, now);
+                rate
+            }
+            Err(_) => 0.0,
+        };
         format!("rows read: {} ({}/s)", thousands(n), thousands(rate as u64))
     }
 
@@ -78,6 +95,7 @@ impl Progress {
             rows: rows.clone(),
             sinks: kinds.into_iter().zip(sinks).collect(),
             started: Instant::now(),
+            last: std::sync::Mutex::new((0, Instant::now())),
         };
         let ticker = enabled.then(|| {
             let done = done.clone();

@@ -30,10 +30,21 @@ pub fn check(config: &CloudHumansConfig, row: RowView<'_>, phone: E164) -> Check
     // Recorded for the record only: a template goes to a phone at most once,
     // whatever its variables (SPEC "Incremental sync").
     let mut hash = PayloadHasher::default();
-    if let serde_json::Value::Object(body) = body(config, row, phone) {
-        for (k, v) in body {
-            hash.add(k.as_bytes()).add(v.to_string().as_bytes());
-        }
+    hash.add(config.inbox_id.as_bytes())
+        .add(phone.to_string().as_bytes())
+        .add(config.template_name.as_bytes());
+    let rendered = config
+        .header_attachment
+        .iter()
+        .chain(config.buttons.iter())
+        .chain(config.params.values());
+    for t in rendered {
+        hash.add(
+            t.render(|i| row.cell(i))
+                .as_deref()
+                .unwrap_or("\0")
+                .as_bytes(),
+        );
     }
     Check::Ready {
         group: 0,
