@@ -97,6 +97,35 @@ impl Template {
         }
     }
 
+    /// Renders into `out` (cleared first) without allocating; `false` when the
+    /// value must be omitted (see the module rule). The hot path of payload hashing.
+    pub fn render_into<'a>(&self, field: impl Fn(usize) -> &'a str, out: &mut String) -> bool {
+        out.clear();
+        let mut placeholders = 0;
+        let mut empty = 0;
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(text) => out.push_str(text),
+                Segment::Column { index, .. } => {
+                    placeholders += 1;
+                    let value = field(*index).trim();
+                    if value.is_empty() {
+                        empty += 1;
+                    }
+                    out.push_str(value);
+                }
+            }
+        }
+        if placeholders > 0 && (empty == placeholders || out.trim().is_empty()) {
+            return false;
+        }
+        let end = out.trim_end().len();
+        out.truncate(end);
+        let start = out.len() - out.trim_start().len();
+        out.drain(..start);
+        true
+    }
+
     /// Renders with `field(index)` giving the row's value of a projected column;
     /// `None` when the value must be omitted (see the module rule).
     pub fn render<'a>(&self, field: impl Fn(usize) -> &'a str) -> Option<String> {
@@ -151,6 +180,21 @@ mod tests {
         assert_eq!(render("{a} {b}", &["", " "]), None);
         assert_eq!(render("literal", &[]).as_deref(), Some("literal"));
         assert_eq!(render("{{x}}", &[]).as_deref(), Some("{x}"));
+    }
+
+    #[test]
+    fn render_into_agrees_with_render() {
+        let mut template = Template::parse(" Mr {a} {b} ").unwrap();
+        template.bind(&|name| if name == "a" { 0 } else { 1 });
+        let mut buf = String::from("stale");
+        for values in [["Ana", "Silva"], ["Ana", ""], ["", ""], [" ", "x"]] {
+            let rendered = template.render(|i| values[i]);
+            let ok = template.render_into(|i| values[i], &mut buf);
+            assert_eq!(ok, rendered.is_some());
+            if let Some(r) = rendered {
+                assert_eq!(buf, r);
+            }
+        }
     }
 
     #[test]

@@ -31,21 +31,25 @@ pub fn check(config: &CloudHumansConfig, row: RowView<'_>, phone: E164) -> Check
     // whatever its variables (SPEC "Incremental sync").
     let mut hash = PayloadHasher::default();
     hash.add(config.inbox_id.as_bytes())
-        .add(phone.to_string().as_bytes())
+        .add(&phone.0.to_le_bytes())
         .add(config.template_name.as_bytes());
-    let rendered = config
-        .header_attachment
-        .iter()
-        .chain(config.buttons.iter())
-        .chain(config.params.values());
-    for t in rendered {
-        hash.add(
-            t.render(|i| row.cell(i))
-                .as_deref()
-                .unwrap_or("\0")
-                .as_bytes(),
-        );
+    thread_local! {
+        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
+    BUF.with_borrow_mut(|buf| {
+        let rendered = config
+            .header_attachment
+            .iter()
+            .chain(config.buttons.iter())
+            .chain(config.params.values());
+        for t in rendered {
+            if t.render_into(|i| row.cell(i), buf) {
+                hash.add(buf.as_bytes());
+            } else {
+                hash.add(b"\0");
+            }
+        }
+    });
     Check::Ready {
         group: 0,
         hash: hash.finish(),

@@ -52,33 +52,52 @@ pub fn check(config: &WeniConfig, row: RowView<'_>, phone: E164) -> Check {
             hash: hash.finish(),
         };
     }
-    let name = config.name.as_ref().and_then(|t| t.render(|i| row.cell(i)));
-    if name.as_ref().is_some_and(|n| n.chars().count() > 100) {
-        return Check::Rejected("Contact name cannot exceed 100 characters.".into());
+    // One reused buffer per thread: this runs for every row, dry runs included.
+    thread_local! {
+        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
-    let language = config
-        .language
-        .as_ref()
-        .and_then(|t| t.render(|i| row.cell(i)));
-    if let Some(language) = &language
-        && !(language.len() == 3 && language.bytes().all(|b| b.is_ascii_lowercase()))
-    {
-        return Check::Rejected(
-            format!("Not a valid ISO639-3 language code: \"{language}\".").into(),
-        );
-    }
-    // The payload hash covers everything the upsert body carries.
-    hash.add(b"name")
-        .add(name.as_deref().unwrap_or("\0").as_bytes());
-    hash.add(b"language")
-        .add(language.as_deref().unwrap_or("\0").as_bytes());
-    for group in &config.groups {
-        hash.add(b"group").add(group.as_bytes());
-    }
-    for (key, t) in &config.fields {
-        if let Some(value) = t.render(|i| row.cell(i)) {
-            hash.add(key.as_bytes()).add(value.as_bytes());
+    let rejected = BUF.with_borrow_mut(|buf| {
+        hash.add(b"name");
+        match &config.name {
+            Some(t) if t.render_into(|i| row.cell(i), buf) => {
+                if buf.chars().count() > 100 {
+                    return Some(Check::Rejected(
+                        "Contact name cannot exceed 100 characters.".into(),
+                    ));
+                }
+                hash.add(buf.as_bytes());
+            }
+            _ => {
+                hash.add(b"\0");
+            }
         }
+        hash.add(b"language");
+        match &config.language {
+            Some(t) if t.render_into(|i| row.cell(i), buf) => {
+                if !(buf.len() == 3 && buf.bytes().all(|b| b.is_ascii_lowercase())) {
+                    return Some(Check::Rejected(
+                        format!("Not a valid ISO639-3 language code: \"{buf}\".").into(),
+                    ));
+                }
+                hash.add(buf.as_bytes());
+            }
+            _ => {
+                hash.add(b"\0");
+            }
+        }
+        // The payload hash covers everything the upsert body carries.
+        for group in &config.groups {
+            hash.add(b"group").add(group.as_bytes());
+        }
+        for (key, t) in &config.fields {
+            if t.render_into(|i| row.cell(i), buf) {
+                hash.add(key.as_bytes()).add(buf.as_bytes());
+            }
+        }
+        None
+    });
+    if let Some(rejected) = rejected {
+        return rejected;
     }
     Check::Ready {
         group: 0,
