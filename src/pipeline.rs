@@ -292,6 +292,14 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         resend_messages: options.resend_messages,
         resend_unknown: options.resend_unknown,
     };
+    // Payload hashes are recorded by real runs; a dry run needs them only to compare with the state.
+    let hashing: Arc<Vec<bool>> = Arc::new(
+        incremental
+            .indexes
+            .iter()
+            .map(|index| !options.dry_run || index.delivered_count() > 0)
+            .collect(),
+    );
     let mut state: Option<(StateWriter, StateThread)> = if options.dry_run {
         None
     } else {
@@ -388,7 +396,8 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
             let checked_tx = checked_tx.clone();
             let config = config.clone();
             let layout = layout.clone();
-            scope.spawn(move || normalize_worker(&config, &layout, raw_rx, checked_tx));
+            let hashing = hashing.clone();
+            scope.spawn(move || normalize_worker(&config, &layout, &hashing, raw_rx, checked_tx));
         }
         drop(raw_rx);
         drop(checked_tx);
@@ -581,13 +590,14 @@ fn read_all(
 fn normalize_worker(
     config: &Config,
     layout: &Layout,
+    hashing: &[bool],
     rx: Receiver<Result<Chunk, SourceError>>,
     tx: Sender<Result<Checked, SourceError>>,
 ) {
     let mut normalizer = PhoneNormalizer::new(config.input.default_region.clone());
     for message in rx {
         let out = message.map(|mut chunk| {
-            let checks = normalize_chunk(config, layout, &mut normalizer, &mut chunk);
+            let checks = normalize_chunk(config, layout, hashing, &mut normalizer, &mut chunk);
             Checked { chunk, checks }
         });
         if tx.send(out).is_err() {
@@ -597,9 +607,11 @@ fn normalize_worker(
 }
 
 /// Fills each pending row's [`Outcome`] and returns the sinks' checks (`rows × sinks`).
+/// `hashing[s]`: whether sink `s` needs payload hashes (see [`sink::check`]).
 pub fn normalize_chunk(
     config: &Config,
     layout: &Layout,
+    hashing: &[bool],
     normalizer: &mut PhoneNormalizer,
     chunk: &mut Chunk,
 ) -> Vec<Check> {
@@ -633,7 +645,7 @@ pub fn normalize_chunk(
             Some((raw_column, phone)) => {
                 let row = RowView { chunk, index: i };
                 for (s, sink_config) in config.sinks.iter().enumerate() {
-                    checks[i * sinks + s] = sink::check(sink_config, row, phone);
+                    checks[i * sinks + s] = sink::check(sink_config, row, phone, hashing[s]);
                 }
                 Outcome::Unique { raw_column, phone }
             }

@@ -61,11 +61,14 @@ impl<'a> RowView<'a> {
 }
 
 /// Checks `row` (with its normalized `phone`) against `sink`'s request rules.
-pub fn check(sink: &SinkConfig, row: RowView<'_>, phone: E164) -> Check {
+///
+/// `hash`: compute the payload hash (a real run records it; a dry run needs it
+/// only when the state has something to compare it with). Without it, `hash` is 0.
+pub fn check(sink: &SinkConfig, row: RowView<'_>, phone: E164, hash: bool) -> Check {
     match sink {
         SinkConfig::Chatfuel(c) => chatfuel::check(c, row),
-        SinkConfig::Weni(c) => weni::check(c, row, phone),
-        SinkConfig::CloudHumans(c) => cloudhumans::check(c, row, phone),
+        SinkConfig::Weni(c) => weni::check(c, row, phone, hash),
+        SinkConfig::CloudHumans(c) => cloudhumans::check(c, row, phone, hash),
     }
 }
 

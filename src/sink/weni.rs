@@ -33,7 +33,7 @@ pub fn urn(scheme: UrnScheme, phone: E164) -> String {
 
 /// Weni's own rules that libphonenumber does not know: 8–15 digits, name ≤ 100
 /// characters, a 3-letter language code.
-pub fn check(config: &WeniConfig, row: RowView<'_>, phone: E164) -> Check {
+pub fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) -> Check {
     if !weni_digit_count_ok(phone) {
         return Check::Rejected(
             format!(
@@ -84,6 +84,9 @@ pub fn check(config: &WeniConfig, row: RowView<'_>, phone: E164) -> Check {
             _ => {
                 hash.add(b"\0");
             }
+        }
+        if !with_hash {
+            return None;
         }
         // The payload hash covers everything the upsert body carries.
         for group in &config.groups {
