@@ -130,32 +130,7 @@ impl Template {
     /// `None` when the value must be omitted (see the module rule).
     pub fn render<'a>(&self, field: impl Fn(usize) -> &'a str) -> Option<String> {
         let mut out = String::new();
-        let mut placeholders = 0;
-        let mut empty = 0;
-        for segment in &self.segments {
-            match segment {
-                Segment::Literal(text) => out.push_str(text),
-                Segment::Column { index, .. } => {
-                    placeholders += 1;
-                    let value = field(*index).trim();
-                    if value.is_empty() {
-                        empty += 1;
-                    }
-                    out.push_str(value);
-                }
-            }
-        }
-        if placeholders > 0 && empty == placeholders {
-            return None;
-        }
-        let trimmed = out.trim();
-        if trimmed.is_empty() && placeholders > 0 {
-            return None;
-        }
-        if trimmed.len() != out.len() {
-            out = trimmed.to_owned();
-        }
-        Some(out)
+        self.render_into(field, &mut out).then_some(out)
     }
 }
 
