@@ -75,40 +75,8 @@ impl E164 {
 
     /// Appends `+digits` to `out` without allocating.
     pub fn write_to(self, out: &mut String) {
-        out.push('+');
-        let mut buf = itoa_buf(self.0);
-        out.push_str(buf.as_str());
-        buf.clear();
-    }
-}
-
-/// Formats a u64 into a small stack buffer (std's formatter is slower on the hot path).
-fn itoa_buf(mut n: u64) -> SmallDigits {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    SmallDigits { digits, start: i }
-}
-
-struct SmallDigits {
-    digits: [u8; 20],
-    start: usize,
-}
-
-impl SmallDigits {
-    fn as_str(&self) -> &str {
-        // Only ASCII digits were written.
-        std::str::from_utf8(&self.digits[self.start..]).unwrap_or_default()
-    }
-    fn clear(&mut self) {
-        self.start = self.digits.len();
+        use std::fmt::Write as _;
+        let _ = write!(out, "+{}", self.0);
     }
 }
 
@@ -188,6 +156,8 @@ impl CompiledDesc {
 struct CompiledRegion {
     id: String,
     country_code: u16,
+    /// `country_code` as digits, for prefix tests without formatting per row.
+    country_code_text: String,
     /// `^(?:internationalPrefix)` — matched with "lookingAt" semantics.
     international_prefix: Option<Regex>,
     /// `^(?:nationalPrefixForParsing)` (falls back to `nationalPrefix`).
@@ -258,6 +228,7 @@ impl CompiledRegion {
         CompiledRegion {
             id: meta.id().to_owned(),
             country_code: meta.country_code(),
+            country_code_text: meta.country_code().to_string(),
             international_prefix: meta
                 .international_prefix()
                 .map(|r| anchored(r.as_str(), false)),
@@ -369,12 +340,25 @@ fn directory() -> &'static Directory {
 
 /// Whether `region` (any case, trimmed) is a known ISO 3166 alpha-2 region of the metadata.
 pub fn canonical_region(region: &str) -> Option<String> {
-    let region = region.trim();
-    if region.len() != 2 || !region.bytes().all(|b| b.is_ascii_alphabetic()) {
+    known_region(region).map(str::to_owned)
+}
+
+/// [`canonical_region`] without allocating: the directory's own `'static` key.
+/// Runs for every row that has a `country_column`.
+fn known_region(region: &str) -> Option<&'static str> {
+    let region = region.trim().as_bytes();
+    if region.len() != 2 || !region.iter().all(|b| b.is_ascii_alphabetic()) {
         return None;
     }
-    let upper = region.to_ascii_uppercase();
-    directory().regions.contains_key(&upper).then_some(upper)
+    let upper = [
+        region[0].to_ascii_uppercase(),
+        region[1].to_ascii_uppercase(),
+    ];
+    let upper = std::str::from_utf8(&upper).ok()?;
+    directory()
+        .regions
+        .get_key_value(upper)
+        .map(|(k, _)| k.as_str())
 }
 
 /// Where the country code came from (libphonenumber's `CountryCodeSource`).
@@ -397,10 +381,11 @@ enum ParseError {
 /// Normalizes raw phone text to E.164. One per worker thread: it owns the
 /// compiled patterns of the regions it has met, so no lock is ever taken.
 pub struct PhoneNormalizer {
-    /// Compiled regions by id; "001" entries are keyed "001+<code>".
-    compiled: HashMap<String, Box<CompiledRegion>>,
+    /// Compiled regions, keyed by the address of their `'static` metadata
+    /// (looked up several times per row, so the key must not allocate).
+    compiled: HashMap<usize, Box<CompiledRegion>>,
     /// The region of rows whose `country_column` is empty or not a region.
-    default_region: Option<String>,
+    default_region: Option<&'static str>,
     /// Reused buffer for the digits of the number being parsed.
     scratch: String,
 }
@@ -410,19 +395,14 @@ impl PhoneNormalizer {
     pub fn new(default_region: Option<String>) -> PhoneNormalizer {
         PhoneNormalizer {
             compiled: HashMap::new(),
-            default_region,
+            default_region: default_region.as_deref().and_then(known_region),
             scratch: String::with_capacity(32),
         }
     }
 
     fn compiled(&mut self, meta: &'static Metadata) -> &CompiledRegion {
-        let key = if meta.id() == "001" {
-            format!("001+{}", meta.country_code())
-        } else {
-            meta.id().to_owned()
-        };
         self.compiled
-            .entry(key)
+            .entry(meta as *const Metadata as usize)
             .or_insert_with(|| Box::new(CompiledRegion::new(meta)))
     }
 
@@ -437,10 +417,8 @@ impl PhoneNormalizer {
         if raw.trim().is_empty() {
             return Err(InvalidReason::Empty);
         }
-        let region = row_region
-            .and_then(row_region_code)
-            .or_else(|| self.default_region.clone());
-        let parsed = self.parse(raw, region.as_deref());
+        let region = row_region.and_then(known_region).or(self.default_region);
+        let parsed = self.parse(raw, region);
         let (code, nsn) = match parsed {
             Ok(v) => v,
             Err(e) => {
@@ -453,10 +431,10 @@ impl PhoneNormalizer {
                     }
                     ParseError::InvalidCountryCode => InvalidReason::InvalidCountryCode,
                     ParseError::TooShortAfterIdd | ParseError::TooShortNsn => {
-                        InvalidReason::TooShort(region.unwrap_or_else(|| "any region".into()))
+                        InvalidReason::TooShort(region.unwrap_or("any region").to_owned())
                     }
                     ParseError::TooLong => {
-                        InvalidReason::TooLong(region.unwrap_or_else(|| "any region".into()))
+                        InvalidReason::TooLong(region.unwrap_or("any region").to_owned())
                     }
                 });
             }
@@ -651,9 +629,8 @@ impl PhoneNormalizer {
             // DEVIATION: the crate strips a leading country code unconditionally; libphonenumber
             // only does when the rest matches the region better (or the whole is too long).
             let region = self.compiled(meta);
-            let cc = region.country_code.to_string();
             let mut outcome = Ok((0, String::new()));
-            if let Some(rest) = full.strip_prefix(cc.as_str()) {
+            if let Some(rest) = full.strip_prefix(region.country_code_text.as_str()) {
                 let mut potential = rest.to_owned();
                 maybe_strip_national_prefix_and_carrier_code(&mut potential, region);
                 if (!region.general_matches(&full) && region.general_matches(&potential))
@@ -675,11 +652,6 @@ impl PhoneNormalizer {
 fn to_e164(code: u16, nsn: &str) -> E164 {
     let national: u64 = nsn.parse().unwrap_or(0);
     E164(code as u64 * 10u64.pow(nsn.len() as u32) + national)
-}
-
-/// A `country_column` value as a region code: ISO alpha-2 in any case; anything else is "none".
-fn row_region_code(value: &str) -> Option<String> {
-    canonical_region(value)
 }
 
 fn starts_with_plus(s: &str) -> bool {
