@@ -419,8 +419,6 @@ pub struct ColumnUse {
     pub column: String,
     /// Dotted config key, e.g. `sinks.weni.fields.plan`.
     pub key: String,
-    /// `false` for columns whose absence is fine (none today; kept for clarity).
-    pub required: bool,
 }
 
 /// Weni value types (API.md §1.4).
@@ -597,7 +595,6 @@ impl Config {
             uses.push(ColumnUse {
                 column: column.to_owned(),
                 key,
-                required: true,
             })
         };
         for c in &self.input.phone_columns {

@@ -116,12 +116,6 @@ impl Dedup {
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
-
-    /// Bytes held by the table (buckets + control bytes), for the memory benchmark.
-    pub fn allocated_bytes(&self) -> usize {
-        let buckets = self.table.capacity().next_power_of_two().max(1) * 8 / 7;
-        buckets * (std::mem::size_of::<Entry>() + 1)
-    }
 }
 
 #[cfg(test)]

@@ -127,11 +127,6 @@ impl Chunk {
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
         &self.text[start..self.ends[i] as usize]
     }
-
-    /// Bytes of cell text held, for memory accounting.
-    pub fn text_len(&self) -> usize {
-        self.text.len()
-    }
 }
 
 #[cfg(test)]

@@ -119,8 +119,6 @@ pub struct Report {
     path: PathBuf,
     out: Box<dyn Sink + Send>,
     counts: Counts,
-    /// Reused scratch for the E.164 text.
-    e164: String,
 }
 
 impl Report {
@@ -162,12 +160,7 @@ impl Report {
             path: path.to_owned(),
             out,
             counts: Counts::new(),
-            e164: String::new(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Writes one row and counts it.
@@ -179,13 +172,6 @@ impl Report {
         })
     }
 
-    /// Reusable buffer for callers that need `phone_e164` as text.
-    pub fn e164_text(&mut self, phone: E164) -> &str {
-        self.e164.clear();
-        phone.write_to(&mut self.e164);
-        &self.e164
-    }
-
     /// Pushes buffered rows to the file, so a run that is killed leaves the
     /// rows it finished.
     pub fn flush(&mut self) -> Result<(), ReportError> {
@@ -193,10 +179,6 @@ impl Report {
             path: self.path.clone(),
             message,
         })
-    }
-
-    pub fn counts(&self) -> &Counts {
-        &self.counts
     }
 
     /// Flushes and closes the file; returns the counts.

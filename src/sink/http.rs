@@ -233,10 +233,6 @@ impl Uploader {
         })
     }
 
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
-    }
-
     /// Whether auth was refused: the rest of the sink's rows are `skipped`.
     pub fn stopped(&self) -> Option<String> {
         if self.stopped.load(Ordering::Relaxed) {
