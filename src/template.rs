@@ -134,6 +134,15 @@ impl Template {
     }
 }
 
+/// Runs `f` with this thread's reusable `String`: payload hashing renders every
+/// template of every row, and a fresh `String` each time would allocate per row.
+pub fn with_scratch<R>(f: impl FnOnce(&mut String) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    SCRATCH.with_borrow_mut(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -215,6 +215,19 @@ fn not_allowed(method: &Method) -> Response<Body> {
     )
 }
 
+/// A write's parsed body and the locked state.
+type Write<'a> = (Map<String, Value>, std::sync::MutexGuard<'a, WeniState>);
+
+/// A write's body (one JSON object) and the locked state, or the error response.
+fn body_and_state<'a>(shared: &'a Shared, body: &[u8]) -> Result<Write<'a>, Response<Body>> {
+    let body = object_body(body)?;
+    let state = shared
+        .weni
+        .lock()
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())?;
+    Ok((body, state))
+}
+
 /// Parses a write body: must be one JSON object.
 fn object_body(body: &[u8]) -> Result<Map<String, Value>, Response<Body>> {
     match serde_json::from_slice::<Value>(body) {
@@ -814,12 +827,9 @@ async fn fields(
 }
 
 fn create_field(shared: &Shared, body: &[u8]) -> Response<Body> {
-    let body = match object_body(body) {
-        Ok(b) => b,
+    let (body, mut state) = match body_and_state(shared, body) {
+        Ok(v) => v,
         Err(r) => return r,
-    };
-    let Ok(mut state) = shared.weni.lock() else {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let mut errs = Map::new();
     let label = body
@@ -931,12 +941,9 @@ async fn groups(
 }
 
 fn create_group(shared: &Shared, body: &[u8]) -> Response<Body> {
-    let body = match object_body(body) {
-        Ok(b) => b,
+    let (body, mut state) = match body_and_state(shared, body) {
+        Ok(v) => v,
         Err(r) => return r,
-    };
-    let Ok(mut state) = shared.weni.lock() else {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let name = body.get("name").and_then(|v| v.as_str()).unwrap_or("");
     let problem = if name.is_empty() {

@@ -36,10 +36,8 @@ pub fn check(config: &CloudHumansConfig, row: RowView<'_>, phone: E164, with_has
     hash.add(config.inbox_id.as_bytes())
         .add(&phone.0.to_le_bytes())
         .add(config.template_name.as_bytes());
-    thread_local! {
-        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-    }
-    BUF.with_borrow_mut(|buf| {
+
+    crate::template::with_scratch(|buf| {
         let rendered = config
             .header_attachment
             .iter()

@@ -52,11 +52,8 @@ pub fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool
             hash: hash.finish(),
         };
     }
-    // One reused buffer per thread: this runs for every row, dry runs included.
-    thread_local! {
-        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-    }
-    let rejected = BUF.with_borrow_mut(|buf| {
+
+    let rejected = crate::template::with_scratch(|buf| {
         hash.add(b"name");
         match &config.name {
             Some(t) if t.render_into(|i| row.cell(i), buf) => {
