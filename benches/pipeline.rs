@@ -161,7 +161,6 @@ params = { name = "{first_name}" }
 "#,
     )
     .unwrap();
-    let config = Config::load(&config_path).unwrap();
     let options = RunOptions {
         inputs: vec![input.to_string_lossy().into_owned()],
         dry_run: true,
@@ -174,7 +173,7 @@ params = { name = "{first_name}" }
     group.bench_function("csv_to_report", |b| {
         b.iter(|| {
             black_box(
-                pipeline::run(config.clone(), &options)
+                pipeline::run(Config::load(&config_path).unwrap(), &options)
                     .unwrap()
                     .report_rows(),
             )

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Rate, parse_duration};
 use crate::pipeline::RunOptions;
 use crate::sandbox::{Faults, SANDBOX_TOKEN, SandboxOptions};
+use crate::sink::Rerun;
 
 /// Push CRM contacts (CSV/Parquet exports) into Chatfuel, Weni and CloudHumans.
 #[derive(Parser, Debug)]
@@ -35,6 +36,19 @@ fn rate(text: &str) -> Result<Rate, String> {
 fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text)
         .ok_or_else(|| format!("\"{text}\" is not a duration; write \"50ms\" or \"2s\""))
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text).ok_or_else(|| {
+        format!("\"{text}\" is not a positive duration of at most a year; write \"30s\", \"90m\" or \"6h\"")
+    })
+}
+
+fn positive_count(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("\"{text}\" is not a whole number of rows ≥ 1")),
+    }
 }
 
 fn share(text: &str) -> Result<f64, String> {
@@ -157,6 +171,16 @@ pub struct RunArgs {
     /// Write the report here instead of `[report] path` (.csv, .jsonl or .parquet).
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
+    /// The run's time box ("30s", "90m", "6h"): no request starts after it;
+    /// rows not sent end `skipped` ("time limit reached"), exit 2; the next run continues.
+    #[arg(long, value_name = "DUR", value_parser = positive_duration)]
+    pub max_duration: Option<Duration>,
+    /// A canary: each sink sends at most N rows (the first it would send); the rest end `skipped` ("limit").
+    #[arg(long, value_name = "N", value_parser = positive_count)]
+    pub limit: Option<u64>,
+    /// Also write the end-of-run summary as one JSON object here (for cron, Airflow).
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
     /// Do not show progress on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -171,11 +195,15 @@ impl RunArgs {
             inputs: self.inputs.clone(),
             dry_run: self.dry_run,
             sandbox: self.sandbox,
-            full: self.full,
-            resend_messages: self.resend_messages,
-            resend_unknown: self.resend_unknown,
+            rerun: Rerun {
+                full: self.full,
+                resend_messages: self.resend_messages,
+                resend_unknown: self.resend_unknown,
+            },
             report_path: self.report.clone(),
             progress: !self.quiet,
+            max_duration: self.max_duration,
+            limit: self.limit,
         }
     }
 }

@@ -6,13 +6,13 @@
 //! dotted key at fault in every error. Columns are checked against the input
 //! header later, by [`Config::column_uses`], before any row is processed.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::phone::canonical_region;
+use crate::sink::{ParseContext, REGISTRY, RawCommon, Sink, SinkKind};
 use crate::template::Template;
 
 /// A config problem, always naming the file and (where there is one) the key.
@@ -44,7 +44,7 @@ enum OneOrMany {
 /// A TOML scalar accepted where the platform wants text (`account_id = 123` or `"123"`).
 #[derive(Deserialize, Debug, Clone)]
 #[serde(untagged)]
-enum Scalar {
+pub enum Scalar {
     Text(String),
     Integer(i64),
     Float(f64),
@@ -52,7 +52,7 @@ enum Scalar {
 }
 
 impl Scalar {
-    fn into_text(self) -> String {
+    pub fn into_text(self) -> String {
         match self {
             Scalar::Text(s) => s,
             Scalar::Integer(i) => i.to_string(),
@@ -69,7 +69,8 @@ struct RawConfig {
     dedup: Option<RawDedup>,
     report: Option<RawReport>,
     state: Option<RawState>,
-    sinks: Option<RawSinks>,
+    /// `[sinks.<name>]` tables, each read by its platform (see `sink::REGISTRY`).
+    sinks: Option<toml::Table>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -100,92 +101,6 @@ struct RawReport {
 struct RawState {
     path: Option<String>,
 }
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct RawSinks {
-    chatfuel: Option<RawChatfuel>,
-    weni: Option<RawWeni>,
-    cloudhumans: Option<RawCloudHumans>,
-}
-
-/// Keys every sink table takes. serde cannot combine `flatten` with
-/// `deny_unknown_fields`, so each sink table repeats them and hands them over
-/// through [`RawCommonKeys::common`].
-#[derive(Debug, Default)]
-struct RawCommon {
-    enabled: Option<bool>,
-    base_url: Option<String>,
-    token_env: Option<String>,
-    rate: Option<String>,
-    concurrency: Option<i64>,
-    timeout: Option<String>,
-    max_retries: Option<i64>,
-    retry_backoff: Option<String>,
-}
-
-trait RawCommonKeys {
-    fn common(&mut self) -> RawCommon;
-}
-
-macro_rules! raw_sink {
-    ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
-        #[derive(Deserialize, Debug)]
-        #[serde(deny_unknown_fields)]
-        struct $name {
-            enabled: Option<bool>,
-            base_url: Option<String>,
-            token_env: Option<String>,
-            rate: Option<String>,
-            concurrency: Option<i64>,
-            timeout: Option<String>,
-            max_retries: Option<i64>,
-            retry_backoff: Option<String>,
-            $($field: $ty),*
-        }
-        impl RawCommonKeys for $name {
-            fn common(&mut self) -> RawCommon {
-                RawCommon {
-                    enabled: self.enabled.take(),
-                    base_url: self.base_url.take(),
-                    token_env: self.token_env.take(),
-                    rate: self.rate.take(),
-                    concurrency: self.concurrency.take(),
-                    timeout: self.timeout.take(),
-                    max_retries: self.max_retries.take(),
-                    retry_backoff: self.retry_backoff.take(),
-                }
-            }
-        }
-    };
-}
-
-raw_sink!(RawChatfuel {
-    automation_id: Option<Scalar>,
-    batch_size: Option<i64>,
-    properties: Option<BTreeMap<String, Scalar>>,
-    property_columns: Option<BTreeMap<String, String>>,
-});
-
-raw_sink!(RawWeni {
-    urn_scheme: Option<String>,
-    name: Option<String>,
-    language: Option<String>,
-    groups: Option<Vec<String>>,
-    fields: Option<BTreeMap<String, String>>,
-    field_types: Option<BTreeMap<String, String>>,
-    mode: Option<String>,
-});
-
-raw_sink!(RawCloudHumans {
-    account_id: Option<Scalar>,
-    inbox_id: Option<Scalar>,
-    template_name: Option<String>,
-    header_attachment: Option<String>,
-    buttons: Option<Vec<String>>,
-    params: Option<BTreeMap<String, String>>,
-    max_messages: Option<i64>,
-});
 
 /// CSV field delimiter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,7 +173,10 @@ impl std::fmt::Display for Rate {
     }
 }
 
-/// Parses "30s", "500ms", "2min", "1h".
+/// The longest duration any key or flag takes: a year.
+pub const MAX_DURATION_SECS: f64 = 365.0 * 86_400.0;
+
+/// Parses "30s", "500ms", "2min", "1h" (positive, at most a year).
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.')?;
@@ -271,7 +189,10 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => number * 3600.0,
         _ => return None,
     };
-    (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+    // At most a year: anything longer is a typo, and `from_secs_f64` would panic past u64 seconds.
+    (seconds > 0.0 && seconds <= MAX_DURATION_SECS)
+        .then(|| Duration::try_from_secs_f64(seconds).ok())
+        .flatten()
 }
 
 /// Keys every sink has, validated.
@@ -283,124 +204,16 @@ pub struct SinkCommon {
     pub rate: Rate,
     pub concurrency: usize,
     pub timeout: Duration,
+    /// Bound on establishing the connection: a request that never connected is
+    /// retried and ends `failed`, never `unknown`.
+    pub connect_timeout: Duration,
     pub max_retries: u32,
     /// First backoff step; each retry doubles it (full jitter, at most 30 s).
     pub retry_backoff: Duration,
 }
 
-/// `[sinks.chatfuel]`.
-#[derive(Clone, Debug)]
-pub struct ChatfuelConfig {
-    pub common: SinkCommon,
-    pub automation_id: String,
-    pub batch_size: usize,
-    /// Same literal values for every phone.
-    pub properties: BTreeMap<String, String>,
-    /// Property name → column; rows are batched by identical property sets.
-    pub property_columns: BTreeMap<String, String>,
-    /// `property_columns` bound to projected-column indices by the pipeline.
-    pub bound_property_columns: Vec<(String, usize)>,
-}
-
-/// Weni's upsert key scheme.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UrnScheme {
-    /// `whatsapp:5511987654321` (digits, no `+`).
-    Whatsapp,
-    /// `tel:+5511987654321`.
-    Tel,
-}
-
-/// What the Weni sink does with each row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeniMode {
-    Upsert,
-    Delete,
-}
-
-/// `[sinks.weni]`.
-#[derive(Clone, Debug)]
-pub struct WeniConfig {
-    pub common: SinkCommon,
-    pub urn_scheme: UrnScheme,
-    pub name: Option<Template>,
-    pub language: Option<Template>,
-    pub groups: Vec<String>,
-    pub fields: BTreeMap<String, Template>,
-    /// Type of each field the tool may have to create; default "text".
-    pub field_types: BTreeMap<String, String>,
-    pub mode: WeniMode,
-}
-
-/// `[sinks.cloudhumans]`.
-#[derive(Clone, Debug)]
-pub struct CloudHumansConfig {
-    pub common: SinkCommon,
-    pub account_id: String,
-    pub inbox_id: String,
-    pub template_name: String,
-    pub header_attachment: Option<Template>,
-    pub buttons: Vec<Template>,
-    pub params: BTreeMap<String, Template>,
-    /// Safety cap per run; rows past it end `skipped`.
-    pub max_messages: Option<u64>,
-}
-
-/// One enabled sink.
-#[derive(Clone, Debug)]
-pub enum SinkConfig {
-    Chatfuel(ChatfuelConfig),
-    Weni(WeniConfig),
-    CloudHumans(CloudHumansConfig),
-}
-
-/// The three platforms, in report order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SinkKind {
-    Chatfuel,
-    Weni,
-    CloudHumans,
-}
-
-impl SinkKind {
-    /// The name used in the report's `sink` column and in config tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            SinkKind::Chatfuel => "chatfuel",
-            SinkKind::Weni => "weni",
-            SinkKind::CloudHumans => "cloudhumans",
-        }
-    }
-}
-
-impl SinkConfig {
-    pub fn kind(&self) -> SinkKind {
-        match self {
-            SinkConfig::Chatfuel(_) => SinkKind::Chatfuel,
-            SinkConfig::Weni(_) => SinkKind::Weni,
-            SinkConfig::CloudHumans(_) => SinkKind::CloudHumans,
-        }
-    }
-
-    pub fn common(&self) -> &SinkCommon {
-        match self {
-            SinkConfig::Chatfuel(c) => &c.common,
-            SinkConfig::Weni(c) => &c.common,
-            SinkConfig::CloudHumans(c) => &c.common,
-        }
-    }
-
-    pub fn common_mut(&mut self) -> &mut SinkCommon {
-        match self {
-            SinkConfig::Chatfuel(c) => &mut c.common,
-            SinkConfig::Weni(c) => &mut c.common,
-            SinkConfig::CloudHumans(c) => &mut c.common,
-        }
-    }
-}
-
 /// The validated configuration.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Config {
     /// The config file, for messages.
     pub path: PathBuf,
@@ -409,8 +222,8 @@ pub struct Config {
     pub report_path: PathBuf,
     /// Resolved against the config file's directory.
     pub state_path: PathBuf,
-    /// Enabled sinks, in report order (chatfuel, weni, cloudhumans).
-    pub sinks: Vec<SinkConfig>,
+    /// Enabled sinks, in report order (the registry's).
+    pub sinks: Vec<Box<dyn Sink>>,
 }
 
 /// Where a column is used, for "column not in header" errors.
@@ -421,35 +234,15 @@ pub struct ColumnUse {
     pub key: String,
 }
 
-/// Weni value types (API.md §1.4).
-const WENI_VALUE_TYPES: [&str; 6] = ["text", "numeric", "datetime", "state", "district", "ward"];
-
-/// Weni reserved field keys (API.md §1.4): the fixed names plus every URN scheme.
-pub const WENI_RESERVED_KEYS: [&str; 23] = [
-    "id",
-    "name",
-    "first_name",
-    "language",
-    "groups",
-    "uuid",
-    "created_on",
-    "created_by",
-    "modified_by",
-    "is",
-    "has",
-    "tel",
-    "whatsapp",
-    "mailto",
-    "ext",
-    "facebook",
-    "instagram",
-    "telegram",
-    "twitter",
-    "twitterid",
-    "viber",
-    "line",
-    "discord",
-];
+impl ColumnUse {
+    /// Every column `template` reads, for config key `key`.
+    pub fn of_template(key: &str, template: &Template) -> impl Iterator<Item = ColumnUse> {
+        template.columns().map(move |column| ColumnUse {
+            column: column.to_owned(),
+            key: key.to_owned(),
+        })
+    }
+}
 
 impl Config {
     /// Reads and validates the config file.
@@ -550,27 +343,7 @@ impl Config {
                 .unwrap_or_else(|| "crm-import-state.db".into()),
         );
 
-        let mut sinks = Vec::new();
-        if let Some(mut raw_sinks) = raw.sinks {
-            if let Some(mut c) = raw_sinks.chatfuel.take() {
-                let common = c.common();
-                if common.enabled != Some(false) {
-                    sinks.push(SinkConfig::Chatfuel(chatfuel(c, common, &invalid)?));
-                }
-            }
-            if let Some(mut c) = raw_sinks.weni.take() {
-                let common = c.common();
-                if common.enabled != Some(false) {
-                    sinks.push(SinkConfig::Weni(weni(c, common, &invalid)?));
-                }
-            }
-            if let Some(mut c) = raw_sinks.cloudhumans.take() {
-                let common = c.common();
-                if common.enabled != Some(false) {
-                    sinks.push(SinkConfig::CloudHumans(cloudhumans(c, common, &invalid)?));
-                }
-            }
-        }
+        let sinks = parse_sinks(raw.sinks.unwrap_or_default(), path)?;
 
         Ok(Config {
             path: path.to_owned(),
@@ -607,116 +380,133 @@ impl Config {
             add(c, "input.id_column".into());
         }
         for sink in &self.sinks {
-            let prefix = format!("sinks.{}", sink.kind().name());
-            let mut templates: Vec<(String, &Template)> = Vec::new();
-            match sink {
-                SinkConfig::Chatfuel(c) => {
-                    for (prop, column) in &c.property_columns {
-                        add(column, format!("{prefix}.property_columns.{prop}"));
-                    }
-                }
-                SinkConfig::Weni(c) => {
-                    if let Some(t) = &c.name {
-                        templates.push((format!("{prefix}.name"), t));
-                    }
-                    if let Some(t) = &c.language {
-                        templates.push((format!("{prefix}.language"), t));
-                    }
-                    for (k, t) in &c.fields {
-                        templates.push((format!("{prefix}.fields.{k}"), t));
-                    }
-                }
-                SinkConfig::CloudHumans(c) => {
-                    if let Some(t) = &c.header_attachment {
-                        templates.push((format!("{prefix}.header_attachment"), t));
-                    }
-                    for (i, t) in c.buttons.iter().enumerate() {
-                        templates.push((format!("{prefix}.buttons[{i}]"), t));
-                    }
-                    for (k, t) in &c.params {
-                        templates.push((format!("{prefix}.params.{k}"), t));
-                    }
-                }
-            }
-            for (key, template) in templates {
-                for column in template.columns() {
-                    add(column, key.clone());
-                }
-            }
+            uses.extend(sink.column_uses());
         }
         uses
     }
 }
 
-type Invalid<'a> = dyn Fn(&str, String) -> ConfigError + 'a;
+/// Reads every `[sinks.<name>]` table through its platform's parser, in registry order.
+fn parse_sinks(mut tables: toml::Table, path: &Path) -> Result<Vec<Box<dyn Sink>>, ConfigError> {
+    if let Some(unknown) = tables.keys().find(|k| SinkKind::by_name(k).is_none()) {
+        let known: Vec<&str> = REGISTRY.iter().map(|p| p.name).collect();
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            key: format!("sinks.{unknown}"),
+            message: format!("is not a known platform; use one of {}", known.join(", ")),
+        });
+    }
+    let ctx = ParseContext { path };
+    let mut sinks = Vec::new();
+    for (i, platform) in REGISTRY.iter().enumerate() {
+        if let Some(table) = tables.remove(platform.name) {
+            let enabled = table.get("enabled").and_then(toml::Value::as_bool) != Some(false);
+            let sink = (platform.parse)(table, SinkKind(i as u8), &ctx)?;
+            if enabled {
+                sinks.push(sink);
+            }
+        }
+    }
+    Ok(sinks)
+}
 
-fn common(
+/// Defaults of the keys every sink has.
+pub struct CommonDefaults {
+    pub base_url: &'static str,
+    pub token_env: &'static str,
+    pub rate: &'static str,
+    pub concurrency: usize,
+}
+
+/// Whether `url` is `http(s)://` on a loopback host (127.0.0.0/8, ::1, localhost).
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or("");
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Validates the keys every sink has.
+pub fn sink_common(
     raw: RawCommon,
     kind: SinkKind,
-    defaults: (&str, &str, &str, usize),
-    invalid: &Invalid<'_>,
+    defaults: CommonDefaults,
+    ctx: &ParseContext<'_>,
 ) -> Result<SinkCommon, ConfigError> {
     let key = |k: &str| format!("sinks.{}.{k}", kind.name());
-    let (base_url, token_env, rate, concurrency) = defaults;
-    let base_url = raw.base_url.unwrap_or_else(|| base_url.to_owned());
-    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-        return Err(invalid(
+    let base_url = raw.base_url.unwrap_or_else(|| defaults.base_url.to_owned());
+    // A token must never cross the network in clear text (SPEC "Transport").
+    if !(base_url.starts_with("https://") || is_loopback_url(&base_url)) {
+        return Err(ctx.invalid(
             &key("base_url"),
-            format!("is \"{base_url}\"; it must start with http:// or https://"),
+            format!("is \"{base_url}\"; it must start with https:// (http:// only on loopback)"),
         ));
     }
-    let token_env = raw.token_env.unwrap_or_else(|| token_env.to_owned());
+    let token_env = raw
+        .token_env
+        .unwrap_or_else(|| defaults.token_env.to_owned());
     if token_env.is_empty()
         || token_env
             .chars()
             .any(|c| !(c.is_ascii_alphanumeric() || c == '_'))
     {
-        return Err(invalid(
+        return Err(ctx.invalid(
             &key("token_env"),
             "must be the NAME of an environment variable (letters, digits, _), never the token itself"
                 .into(),
         ));
     }
-    let rate_text = raw.rate.unwrap_or_else(|| rate.to_owned());
+    let rate_text = raw.rate.unwrap_or_else(|| defaults.rate.to_owned());
     let rate = Rate::parse(&rate_text).ok_or_else(|| {
-        invalid(
+        ctx.invalid(
             &key("rate"),
             format!("is \"{rate_text}\"; write requests per second, minute or hour: \"1/s\", \"50/min\", \"3000/h\""),
         )
     })?;
     let concurrency = int_key(
         raw.concurrency,
-        concurrency as i64,
+        defaults.concurrency as i64,
         1..=256,
         &key("concurrency"),
-        invalid,
+        ctx,
     )? as usize;
-    let timeout = duration_key(raw.timeout, "30s", &key("timeout"), invalid)?;
-    let max_retries = int_key(raw.max_retries, 8, 0..=100, &key("max_retries"), invalid)? as u32;
-    let retry_backoff = duration_key(raw.retry_backoff, "250ms", &key("retry_backoff"), invalid)?;
+    let timeout = duration_key(raw.timeout, "30s", &key("timeout"), ctx)?;
+    let connect_timeout = duration_key(raw.connect_timeout, "10s", &key("connect_timeout"), ctx)?;
+    let max_retries = int_key(raw.max_retries, 8, 0..=100, &key("max_retries"), ctx)? as u32;
+    let retry_backoff = duration_key(raw.retry_backoff, "250ms", &key("retry_backoff"), ctx)?;
     Ok(SinkCommon {
         base_url: base_url.trim_end_matches('/').to_owned(),
         token_env,
         rate,
         concurrency,
         timeout,
+        connect_timeout,
         max_retries,
         retry_backoff,
     })
 }
 
 /// An integer key within `range`, or its default.
-fn int_key(
+pub fn int_key(
     value: Option<i64>,
     default: i64,
     range: std::ops::RangeInclusive<i64>,
     key: &str,
-    invalid: &Invalid<'_>,
+    ctx: &ParseContext<'_>,
 ) -> Result<i64, ConfigError> {
     match value {
         None => Ok(default),
         Some(v) if range.contains(&v) => Ok(v),
-        Some(v) => Err(invalid(
+        Some(v) => Err(ctx.invalid(
             key,
             format!("is {v}; use {} to {}", range.start(), range.end()),
         )),
@@ -724,261 +514,28 @@ fn int_key(
 }
 
 /// A duration key ("30s", "250ms"), or its default.
-fn duration_key(
+pub fn duration_key(
     value: Option<String>,
     default: &str,
     key: &str,
-    invalid: &Invalid<'_>,
+    ctx: &ParseContext<'_>,
 ) -> Result<Duration, ConfigError> {
     let text = value.unwrap_or_else(|| default.to_owned());
     parse_duration(&text).ok_or_else(|| {
-        invalid(
+        ctx.invalid(
             key,
-            format!("is \"{text}\"; write a duration such as \"{default}\" or \"500ms\""),
+            format!("is \"{text}\"; write a positive duration of at most a year, such as \"{default}\" or \"500ms\""),
         )
     })
 }
 
-fn template(key: &str, text: &str, invalid: &Invalid<'_>) -> Result<Template, ConfigError> {
-    Template::parse(text).map_err(|e| invalid(key, e.to_string()))
-}
-
-fn chatfuel(
-    raw: RawChatfuel,
-    common_keys: RawCommon,
-    invalid: &Invalid<'_>,
-) -> Result<ChatfuelConfig, ConfigError> {
-    let common = common(
-        common_keys,
-        SinkKind::Chatfuel,
-        ("https://panel.chatfuel.com", "CHATFUEL_API_TOKEN", "1/s", 2),
-        invalid,
-    )?;
-    let automation_id = raw
-        .automation_id
-        .map(Scalar::into_text)
-        .filter(|s| !s.trim().is_empty())
-        .ok_or_else(|| invalid("sinks.chatfuel.automation_id", "is required".into()))?;
-    let batch_size = match raw.batch_size {
-        None => 1000,
-        Some(b) if (1..=1000).contains(&b) => b as usize,
-        Some(b) => {
-            return Err(invalid(
-                "sinks.chatfuel.batch_size",
-                format!("is {b}, but the Chatfuel API accepts 1 to 1000 phones per request"),
-            ));
-        }
-    };
-    let properties: BTreeMap<String, String> = raw
-        .properties
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.into_text()))
-        .collect();
-    let property_columns = raw.property_columns.unwrap_or_default();
-    if let Some(k) = property_columns
-        .keys()
-        .find(|k| properties.contains_key(*k))
-    {
-        return Err(invalid(
-            &format!("sinks.chatfuel.property_columns.{k}"),
-            "is also set in sinks.chatfuel.properties; keep one".into(),
-        ));
-    }
-    Ok(ChatfuelConfig {
-        common,
-        automation_id,
-        batch_size,
-        properties,
-        property_columns,
-        bound_property_columns: Vec::new(),
-    })
-}
-
-/// Whether `key` is a field key Weni would derive from a label equal to it (API.md §1.4).
-fn valid_weni_field_key(key: &str) -> bool {
-    let mut bytes = key.bytes();
-    key.len() <= 36
-        && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !key.ends_with('_')
-        && !key.contains("__")
-        && !WENI_RESERVED_KEYS.contains(&key)
-}
-
-fn weni(
-    raw: RawWeni,
-    common_keys: RawCommon,
-    invalid: &Invalid<'_>,
-) -> Result<WeniConfig, ConfigError> {
-    let common = common(
-        common_keys,
-        SinkKind::Weni,
-        ("https://flows.weni.ai", "WENI_API_TOKEN", "3000/h", 4),
-        invalid,
-    )?;
-    let urn_scheme = match raw.urn_scheme.as_deref() {
-        None | Some("whatsapp") => UrnScheme::Whatsapp,
-        Some("tel") => UrnScheme::Tel,
-        Some(s) => {
-            return Err(invalid(
-                "sinks.weni.urn_scheme",
-                format!("is \"{s}\"; use \"whatsapp\" or \"tel\""),
-            ));
-        }
-    };
-    let mode = match raw.mode.as_deref() {
-        None | Some("upsert") => WeniMode::Upsert,
-        Some("delete") => WeniMode::Delete,
-        Some(m) => {
-            return Err(invalid(
-                "sinks.weni.mode",
-                format!("is \"{m}\"; use \"upsert\" or \"delete\""),
-            ));
-        }
-    };
-    let name = raw
-        .name
-        .map(|t| template("sinks.weni.name", &t, invalid))
-        .transpose()?;
-    let language = match raw.language {
-        None => None,
-        Some(text) => {
-            let t = template("sinks.weni.language", &text, invalid)?;
-            if t.columns().next().is_none()
-                && !(text.len() == 3 && text.bytes().all(|b| b.is_ascii_lowercase()))
-            {
-                return Err(invalid(
-                    "sinks.weni.language",
-                    format!(
-                        "is \"{text}\"; Weni wants an ISO 639-3 code such as \"por\", \"eng\", \"spa\""
-                    ),
-                ));
-            }
-            Some(t)
-        }
-    };
-    let groups = raw.groups.unwrap_or_default();
-    for (i, g) in groups.iter().enumerate() {
-        if g.trim().is_empty() || g.trim() != g || g.chars().count() > 64 {
-            return Err(invalid(
-                &format!("sinks.weni.groups[{i}]"),
-                format!(
-                    "is \"{g}\"; Weni group names are 1 to 64 characters with no leading or trailing space"
-                ),
-            ));
-        }
-    }
-    let mut fields = BTreeMap::new();
-    for (key, text) in raw.fields.unwrap_or_default() {
-        if !valid_weni_field_key(&key) {
-            return Err(invalid(
-                &format!("sinks.weni.fields.{key}"),
-                "is not a usable Weni field key: lower-case letters, digits and single underscores, starting with a letter, at most 36 characters, not a reserved name".into(),
-            ));
-        }
-        let t = template(&format!("sinks.weni.fields.{key}"), &text, invalid)?;
-        fields.insert(key, t);
-    }
-    let field_types = raw.field_types.unwrap_or_default();
-    for (key, ty) in &field_types {
-        if !WENI_VALUE_TYPES.contains(&ty.as_str()) {
-            return Err(invalid(
-                &format!("sinks.weni.field_types.{key}"),
-                format!("is \"{ty}\"; use one of {}", WENI_VALUE_TYPES.join(", ")),
-            ));
-        }
-    }
-    Ok(WeniConfig {
-        common,
-        urn_scheme,
-        name,
-        language,
-        groups,
-        fields,
-        field_types,
-        mode,
-    })
-}
-
-fn cloudhumans(
-    raw: RawCloudHumans,
-    common_keys: RawCommon,
-    invalid: &Invalid<'_>,
-) -> Result<CloudHumansConfig, ConfigError> {
-    let common = common(
-        common_keys,
-        SinkKind::CloudHumans,
-        (
-            "https://cloudchat.cloudhumans.com",
-            "CLOUDHUMANS_API_TOKEN",
-            "10/s",
-            4,
-        ),
-        invalid,
-    )?;
-    let required = |value: Option<String>, key: &str| {
-        value
-            .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| invalid(key, "is required".into()))
-    };
-    let account_id = required(
-        raw.account_id.map(Scalar::into_text),
-        "sinks.cloudhumans.account_id",
-    )?;
-    let inbox_id = required(
-        raw.inbox_id.map(Scalar::into_text),
-        "sinks.cloudhumans.inbox_id",
-    )?;
-    let template_name = required(raw.template_name, "sinks.cloudhumans.template_name")?;
-    let header_attachment = raw
-        .header_attachment
-        .map(|t| template("sinks.cloudhumans.header_attachment", &t, invalid))
-        .transpose()?;
-    let buttons = raw
-        .buttons
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-        .map(|(i, t)| template(&format!("sinks.cloudhumans.buttons[{i}]"), t, invalid))
-        .collect::<Result<_, _>>()?;
-    let mut params = BTreeMap::new();
-    for (key, text) in raw.params.unwrap_or_default() {
-        const RESERVED: [&str; 4] = [
-            "inbox_id",
-            "phone_number",
-            "template_name",
-            "header_attachment",
-        ];
-        if RESERVED.contains(&key.as_str()) || key.starts_with("button_param_") {
-            return Err(invalid(
-                &format!("sinks.cloudhumans.params.{key}"),
-                "collides with a key the tool sets itself".into(),
-            ));
-        }
-        let t = template(&format!("sinks.cloudhumans.params.{key}"), &text, invalid)?;
-        params.insert(key, t);
-    }
-    let max_messages = match raw.max_messages {
-        None => None,
-        Some(m) if m >= 0 => Some(m as u64),
-        Some(m) => {
-            return Err(invalid(
-                "sinks.cloudhumans.max_messages",
-                format!("is {m}; use a number ≥ 0"),
-            ));
-        }
-    };
-    Ok(CloudHumansConfig {
-        common,
-        account_id,
-        inbox_id,
-        template_name,
-        header_attachment,
-        buttons,
-        params,
-        max_messages,
-    })
+/// A `{column}` template key.
+pub fn template_key(
+    key: &str,
+    text: &str,
+    ctx: &ParseContext<'_>,
+) -> Result<Template, ConfigError> {
+    Template::parse(text).map_err(|e| ctx.invalid(key, e.to_string()))
 }
 
 #[cfg(test)]

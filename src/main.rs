@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use crm_import::cli::{Cli, Command};
 use crm_import::config::Config;
+use crm_import::pipeline;
 use crm_import::sandbox::Sandbox;
-use crm_import::{pipeline, progress};
 
 fn main() -> ExitCode {
     match run() {
@@ -21,12 +21,29 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<u8> {
-    let cli = Cli::parse();
+    // A bad flag is "the run could not be done" (exit 1), not clap's usage code 2,
+    // which a scheduler would read as "some rows were not delivered".
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            e.print()?;
+            return Ok(0);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return Ok(1);
+        }
+    };
     match cli.command {
         Command::Run(args) => {
             let config = Config::load(&args.config)?;
             let outcome = pipeline::run(config, &args.options())?;
-            eprint!("{}", progress::render_summary(&outcome));
+            eprint!("{}", outcome.render());
+            if let Some(path) = &args.summary_json {
+                outcome.write_json(path).map_err(|e| {
+                    anyhow::anyhow!("cannot write --summary-json {}: {e}", path.display())
+                })?;
+            }
             let code = outcome.exit_code();
             if code == 1 {
                 eprintln!(

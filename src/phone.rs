@@ -49,7 +49,9 @@ const MAX_INPUT_STRING_LENGTH: usize = 250;
 /// lossless encoding; 17 digits (the longest valid NSN plus a 1-digit
 /// country code... and in practice ≤ 17 digits overall) fit in 57 bits, which
 /// the dedup table relies on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct E164(pub u64);
 
 impl E164 {

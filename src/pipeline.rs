@@ -1,49 +1,60 @@
-//! The run, top to bottom: how a row travels through the stages.
+//! The run, top to bottom: how a row travels through the stages. Generic over
+//! sinks: nothing here knows which platforms exist (see `sink::REGISTRY`).
 //!
 //! ```text
-//! reader thread ──chunks──► normalizer workers (one per core) ──► merger ──► report thread
-//!  (source/*)    bounded     (phone.rs + sink::check)          (dedup.rs,   (report.rs,
-//!                                                                in order)    the accountant)
+//! reader ──chunks──► normalizers ──► merger ──┬─► lane(sink 1) ─► uploaders ─┐
+//! (source/*)         (phone.rs +     (dedup,  ├─► lane(sink 2) ─► uploaders ─┼─► report thread
+//!                     Sink::check)    state,  └─► lane(sink n) ─► uploaders ─┘   (the accountant)
+//!                                     caps)  ──────── record-level rows ─────────►
 //! ```
 //!
 //! 1. **Read** (`source`): one thread reads the inputs in order and cuts them
 //!    into [`Chunk`]s of `CHUNK_ROWS` rows with only the needed columns.
 //! 2. **Normalize** (`phone`): workers turn each row's phone cells into E.164
-//!    and ask every sink whether it could build the row's request
-//!    (`sink::check`). Chunks may finish out of order.
-//! 3. **Merge** (`dedup`): the merger puts chunks back in input order (first
-//!    wins must mean first in the input), marks duplicates, applies
-//!    `max_messages`, and counts the request plan. This is the hand-off point
-//!    to the sinks: a real run will fan the unique rows out from here.
+//!    and ask every sink whether it could build the row's request.
+//! 3. **Merge** (`dedup`): the merger puts chunks back in input order, marks
+//!    duplicates, lets the state decide (`unchanged`), applies `--limit` and
+//!    the sinks' caps, and hands each row to each sink's **lane**. A lane never
+//!    blocks the merger: it queues in memory, then on disk (`sink::lane`), so
+//!    each sink goes at its own pace and the reader never waits for Weni.
 //! 4. **Report**: one thread writes a report row per record (or per sink) and
 //!    counts them; the summary is those counts.
 //!
-//! Every channel is bounded, so memory stays flat whatever the input size and
-//! the reader waits when downstream is slower.
+//! One [`Shutdown`] stops everything: SIGTERM/SIGINT (stop reading, finish the
+//! requests in flight), `--max-duration` (keep reading so the report is
+//! complete, send nothing new), or a failure (the report or a spool cannot be
+//! written). Every channel is bounded, and at most `IN_FLIGHT_CHUNKS` chunks
+//! are between the reader and the merger, so memory stays flat.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
-use crate::config::{Config, Rate, SinkConfig, SinkKind, WeniMode};
+use crate::config::{Config, InputConfig};
 use crate::dedup::Dedup;
-use crate::phone::PhoneNormalizer;
-use crate::progress::Progress;
+use crate::phone::{E164, PhoneNormalizer};
+use crate::progress::{Progress, ReadMeter, SinkMeter};
 use crate::record::{Chunk, Outcome, Position};
 use crate::report::{Counts, Report, ReportError, ReportRow, Status};
 use crate::sandbox::{SANDBOX_TOKEN, Sandbox, SandboxOptions};
-use crate::sink::{self, Check, ItemMeta, RowView, SinkItem, SinkProgress, SinkRow, SinkRuntime};
+use crate::shutdown::{Shutdown, StopReason};
+use crate::sink::http::Uploader;
+use crate::sink::lane::{Lane, Outcomes, SpoolError};
+use crate::sink::{Check, ItemMeta, Rerun, RowView, Sink, SinkItem, SinkKind, SinkRow};
 use crate::source::{self, SourceError};
-use crate::state::{Scope, SinkIndex, StateError, StateThread, StateWriter};
+use crate::state::{RunLock, Scope, SinkIndex, StateError, StateThread, StateWriter};
+use crate::summary::{RunOutcome, SinkPlan, SinkSummary};
 
 /// Rows per chunk: big enough to amortize channel hand-offs, small enough to keep memory flat.
 pub const CHUNK_ROWS: usize = 4096;
-/// Chunks in flight per channel.
+/// Chunks per channel.
 const CHANNEL_CHUNKS: usize = 4;
+/// Chunks between the reader and the merger at most (bounds the merger's reorder buffer).
+const IN_FLIGHT_CHUNKS: usize = 16;
 
 /// Why a run could not be done (exit 1).
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +64,7 @@ pub enum RunError {
     #[error(transparent)]
     Report(#[from] ReportError),
     #[error(
-        "config file {path}: no sink is enabled; add [sinks.chatfuel], [sinks.weni] or [sinks.cloudhumans]"
+        "config file {path}: no sink is enabled; add a [sinks.<platform>] table (see the README)"
     )]
     NoSinks { path: PathBuf },
     #[error(
@@ -64,12 +75,18 @@ pub enum RunError {
         sink: &'static str,
         var: String,
     },
+    #[error(
+        "the token in the environment variable {var} (for sink {sink}) cannot be sent in an HTTP header: it holds a control character or non-ASCII text; check the variable (its value is not shown)"
+    )]
+    BadToken { sink: &'static str, var: String },
     #[error("cannot start the HTTP runtime: {0}")]
     Runtime(String),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("cannot start the sandbox: {0}")]
     Sandbox(std::io::Error),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 /// What the command line asked for, beyond the config file.
@@ -80,97 +97,16 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Start the fake platforms in-process and send to them with dummy tokens.
     pub sandbox: bool,
-    /// Ignore the state when deciding what to send to Chatfuel and Weni (still record).
-    pub full: bool,
-    /// Send CloudHumans messages again even if the state says they were sent.
-    pub resend_messages: bool,
-    /// Send CloudHumans messages whose outcome an interrupted run left unknown.
-    pub resend_unknown: bool,
+    /// `--full`, `--resend-messages`, `--resend-unknown`.
+    pub rerun: Rerun,
     /// `--report`, relative to the working directory; overrides `[report] path`.
     pub report_path: Option<PathBuf>,
     /// Show progress on stderr.
     pub progress: bool,
-}
-
-/// What one sink would do, as the dry run's request plan.
-#[derive(Clone, Debug)]
-pub struct SinkPlan {
-    pub kind: SinkKind,
-    /// Rows that would be sent.
-    pub rows: u64,
-    /// HTTP requests for those rows.
-    pub requests: u64,
-    /// Chatfuel: distinct property sets (each batched separately).
-    pub property_sets: Option<u64>,
-    /// Weni: at most this many preparation requests (list + create fields and groups).
-    pub prepare_requests: u64,
-    pub rate: Rate,
-    pub concurrency: usize,
-}
-
-impl SinkPlan {
-    /// Time the requests take at the configured rate (the rate is the bound, not concurrency).
-    pub fn estimate(&self) -> Duration {
-        self.rate
-            .duration_for(self.requests + self.prepare_requests)
-    }
-}
-
-/// The result of a run that could be done (exit 0 or 2).
-#[derive(Debug)]
-pub struct RunOutcome {
-    pub counts: Counts,
-    /// Input data rows read.
-    pub input_rows: u64,
-    pub unique_phones: u64,
-    pub elapsed: Duration,
-    pub report_path: PathBuf,
-    pub plans: Vec<SinkPlan>,
-    pub dry_run: bool,
-    /// Delivery figures per sink (real runs).
-    pub sinks: Vec<SinkSummary>,
-    /// What the sandbox received (`--sandbox` runs).
-    pub sandbox_log: Option<crate::sandbox::SandboxLog>,
-    /// Ctrl-C stopped the run early (exit 2).
-    pub interrupted: bool,
-}
-
-/// How one sink's delivery went.
-#[derive(Clone, Debug)]
-pub struct SinkSummary {
-    pub kind: SinkKind,
-    pub requests: u64,
-    pub throttled: u64,
-    pub retries: u64,
-    /// Requests per second between the first and last request.
-    pub achieved_rate: Option<f64>,
-    pub rate: Rate,
-    /// Set when the platform refused the token: the sink stopped.
-    pub auth_refused: Option<String>,
-}
-
-impl RunOutcome {
-    /// 0 when every row ended in success or skip statuses, 2 otherwise, 1 when
-    /// every enabled sink refused auth (SPEC "Exit codes").
-    pub fn exit_code(&self) -> u8 {
-        if !self.sinks.is_empty() && self.sinks.iter().all(|s| s.auth_refused.is_some()) {
-            return 1;
-        }
-        if self
-            .counts
-            .iter()
-            .any(|((_, status), n)| *n > 0 && status.is_problem())
-        {
-            2
-        } else {
-            0
-        }
-    }
-
-    /// Rows in the report.
-    pub fn report_rows(&self) -> u64 {
-        self.counts.values().sum()
-    }
+    /// `--max-duration`: no request starts after this.
+    pub max_duration: Option<Duration>,
+    /// `--limit`: each sink sends at most this many rows.
+    pub limit: Option<u64>,
 }
 
 /// Where each needed column sits among the projected cells of a chunk.
@@ -185,7 +121,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Computes the projection and binds every template of `config` to it.
+    /// Computes the projection and binds every sink's columns to it.
     pub fn bind(config: &mut Config) -> Layout {
         let mut columns: Vec<(String, String)> = Vec::new();
         for u in config.column_uses() {
@@ -203,291 +139,433 @@ impl Layout {
             columns,
         };
         for sink in &mut config.sinks {
-            match sink {
-                SinkConfig::Chatfuel(c) => {
-                    c.bound_property_columns =
-                        sink::chatfuel::property_column_indices(c, &index_of);
-                }
-                SinkConfig::Weni(c) => {
-                    for t in c
-                        .name
-                        .iter_mut()
-                        .chain(c.language.iter_mut())
-                        .chain(c.fields.values_mut())
-                    {
-                        t.bind(&index_of);
-                    }
-                }
-                SinkConfig::CloudHumans(c) => {
-                    for t in c
-                        .header_attachment
-                        .iter_mut()
-                        .chain(c.buttons.iter_mut())
-                        .chain(c.params.values_mut())
-                    {
-                        t.bind(&index_of);
-                    }
-                }
-            }
+            sink.bind(&index_of);
         }
         layout
     }
 }
 
+/// What the stages share, read-only: the input settings, the sinks, the layout.
+pub struct Stages {
+    pub input: InputConfig,
+    pub sinks: Vec<Arc<dyn Sink>>,
+    pub layout: Layout,
+}
+
 /// A chunk plus what the sinks decided for its rows (`rows × sinks`, row-major).
-struct Checked {
+pub struct Checked {
     chunk: Chunk,
     checks: Vec<Check>,
 }
 
 /// What the report thread receives: whole chunks (record-level outcomes and the
-/// sink checks decided before sending), and per-sink rows from delivery.
+/// checks decided before sending), and per-sink rows from the lanes.
 enum ReportMsg {
     Chunk(Checked),
     Rows(Vec<SinkRow>),
 }
 
-/// The sinks of a real run, as the merger sees them.
-struct Delivery {
-    /// One channel per sink (config order).
-    senders: Vec<tokio::sync::mpsc::Sender<SinkItem>>,
-    progress: Vec<Arc<SinkProgress>>,
-    layout: Arc<Layout>,
-}
+/// A sink's lane, with the sink it delivers for.
+type LaneOf = (Arc<Lane>, Arc<dyn Sink>);
 
-/// Records buffered per sink channel.
-const SINK_CHANNEL_ITEMS: usize = 2048;
+/// What the state says about rows, and which flags override it.
+pub struct Incremental {
+    /// Per sink (config order): what was delivered before.
+    indexes: Vec<SinkIndex>,
+    rerun: Rerun,
+}
 
 /// Runs the pipeline.
 pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     if config.sinks.is_empty() {
-        return Err(RunError::NoSinks {
-            path: config.path.clone(),
-        });
+        return Err(RunError::NoSinks { path: config.path });
     }
     let layout = Layout::bind(&mut config);
     let files = source::expand_inputs(&options.inputs)?;
-    // Every header is checked before any row is processed (stdin is checked when read).
-    for file in files.iter().filter(|f| f.path.is_some()) {
-        let reader = source::open(file, &config.input)?;
-        source::resolve_columns(&file.name, reader.header(), &layout.columns)?;
-    }
-    let tokens = if options.dry_run || options.sandbox {
-        vec![SANDBOX_TOKEN.to_owned(); config.sinks.len()]
-    } else {
-        tokens_from_env(&config)?
-    };
+    check_headers(&files, &config.input, &layout)?;
+    let tokens = tokens(&config, options)?;
+    let state_path = state_path_for(&config.state_path, options.sandbox);
+    // A dry run writes nothing, so it never waits for (or blocks) a real run.
+    let _lock = (!options.dry_run)
+        .then(|| RunLock::acquire(&state_path))
+        .transpose()?;
     let report_path = options
         .report_path
         .clone()
         .unwrap_or_else(|| config.report_path.clone());
     let report = Report::create(&report_path)?;
-
-    // The state: read by every run (a dry run shows `unchanged` too), written only by real runs.
-    let scopes: Vec<Scope> = config.sinks.iter().map(state_scope).collect();
+    // Scopes are taken from the config as written, before --sandbox repoints the sinks.
+    let scopes: Vec<Scope> = config.sinks.iter().map(|s| s.state_scope()).collect();
     let incremental = Incremental {
-        indexes: crate::state::load(&config.state_path, &scopes, options.dry_run)?,
-        full: options.full,
-        resend_messages: options.resend_messages,
-        resend_unknown: options.resend_unknown,
+        indexes: crate::state::load(&state_path, &scopes, options.dry_run)?,
+        rerun: options.rerun,
     };
-    // Payload hashes are recorded by real runs; a dry run needs them only to compare with the state.
-    let hashing: Arc<Vec<bool>> = Arc::new(
-        incremental
-            .indexes
-            .iter()
-            .map(|index| !options.dry_run || index.delivered_count() > 0)
-            .collect(),
-    );
-    let mut state: Option<(StateWriter, StateThread)> = if options.dry_run {
-        None
-    } else {
-        Some(StateWriter::start(&config.state_path, scopes)?)
-    };
-    let interrupted = Arc::new(AtomicBool::new(false));
-
-    // Real runs: the HTTP runtime, the sandbox if asked, and one task per sink.
-    let runtime = if options.dry_run {
-        None
-    } else {
-        Some(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(|e| RunError::Runtime(e.to_string()))?,
-        )
-    };
-    let sandbox = match (&runtime, options.sandbox && !options.dry_run) {
-        (Some(rt), true) => Some(start_sandbox(rt, &mut config)?),
-        _ => None,
-    };
-
-    let config = Arc::new(config);
-    let layout = Arc::new(layout);
-    let sink_progress: Vec<Arc<SinkProgress>> =
-        config.sinks.iter().map(|_| Arc::default()).collect();
-    let kinds: Vec<SinkKind> = config.sinks.iter().map(SinkConfig::kind).collect();
-    let progress = Progress::start(options.progress, kinds.clone(), sink_progress.clone());
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .max(1);
-
-    let (raw_tx, raw_rx) = bounded::<Result<Chunk, SourceError>>(CHANNEL_CHUNKS);
-    let (checked_tx, checked_rx) = bounded::<Result<Checked, SourceError>>(CHANNEL_CHUNKS * 2);
-    let (report_tx, report_rx) = bounded::<ReportMsg>(CHANNEL_CHUNKS * 4);
-    // Set when the merger fails: the reader stops. Ctrl-C sets `interrupted`, which stops it too.
-    let stop = AtomicBool::new(false);
-    if let Some(rt) = &runtime {
-        let flag = interrupted.clone();
-        rt.spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                flag.store(true, Ordering::Relaxed);
-                eprintln!(
-                    "\ncrm-import: interrupted: no new rows or requests; finishing the requests in flight and writing the state and report (Ctrl-C again to quit at once)"
-                );
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
-                }
+    let state = (!options.dry_run)
+        .then(|| StateWriter::start(&state_path, scopes))
+        .transpose()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Runtime(e.to_string()))?;
+    let shutdown = Shutdown::new();
+    runtime.spawn(watch_signals(shutdown.clone()));
+    let sandbox = (options.sandbox && !options.dry_run)
+        .then(|| start_sandbox(&runtime, &mut config))
+        .transpose()?;
+    if let (false, Some(limit)) = (options.dry_run, options.max_duration) {
+        let shutdown = shutdown.clone();
+        runtime.spawn(async move {
+            if shutdown.sleep(limit).await {
+                shutdown.stop(StopReason::TimeLimit(limit));
             }
         });
     }
+    let hashing: Vec<bool> = incremental
+        .indexes
+        .iter()
+        .map(|index| !options.dry_run || index.delivered_count() > 0)
+        .collect();
+    let stages = Stages {
+        input: config.input.clone(),
+        sinks: config.sinks.into_iter().map(Arc::from).collect(),
+        layout,
+    };
+    let run = Run {
+        stages: &stages,
+        options,
+        runtime: &runtime,
+        shutdown: &shutdown,
+        incremental: &incremental,
+        hashing: &hashing,
+        started,
+    };
+    let flowed = run.flow(&files, report, &report_path, tokens, state);
+    let sandbox_received = sandbox.as_ref().map(|s| s.log().summary_line());
+    drop(sandbox);
+    let mut outcome = flowed?;
+    outcome.sandbox_received = sandbox_received;
+    Ok(outcome)
+}
 
-    let mut runtimes: Vec<Arc<SinkRuntime>> = Vec::new();
-    let mut delivery = None;
-    let mut sink_tasks = Vec::new();
-    if let Some(rt) = &runtime {
-        let mut senders = Vec::new();
-        for (s, sink_config) in config.sinks.iter().enumerate() {
+/// A run's shared context once everything is open.
+struct Run<'a> {
+    stages: &'a Stages,
+    options: &'a RunOptions,
+    runtime: &'a tokio::runtime::Runtime,
+    shutdown: &'a Shutdown,
+    incremental: &'a Incremental,
+    hashing: &'a [bool],
+    started: Instant,
+}
+
+/// What the threads of a run hand back.
+struct Flowed {
+    merged: Result<(Vec<SinkPlan>, u64), RunError>,
+    input_rows: u64,
+    counts: Result<Counts, ReportError>,
+    sinks: Vec<SinkSummary>,
+}
+
+impl Run<'_> {
+    /// Starts the lanes and the threads, waits for every row to be accounted
+    /// for, and commits the state.
+    fn flow(
+        &self,
+        files: &[source::InputFile],
+        report: Report,
+        report_path: &Path,
+        tokens: Vec<String>,
+        state: Option<(StateWriter, StateThread)>,
+    ) -> Result<RunOutcome, RunError> {
+        let (report_tx, report_rx) = bounded::<ReportMsg>(CHANNEL_CHUNKS * 4);
+        let writer = state.as_ref().map(|(w, _)| w.clone());
+        let lanes = match self.options.dry_run {
+            true => Vec::new(),
+            false => self.start_lanes(tokens, writer, &report_tx, report_path)?,
+        };
+        let read = ReadMeter {
+            total_bytes: source::total_bytes(files),
+            ..ReadMeter::default()
+        };
+        let progress = Progress::start(self.options.progress, read.clone(), self.meters(&lanes));
+        // Every lane delivers at its own pace from the start, while rows are still being read.
+        let deliveries: Vec<_> = lanes
+            .iter()
+            .map(|(lane, sink)| self.runtime.spawn(sink.clone().deliver(lane.clone())))
+            .collect();
+        let flowed = std::thread::scope(|scope| {
+            // Owned here: the lanes' report senders must be gone before the report thread can end.
+            let lanes = lanes;
+            let shutdown = self.shutdown.clone();
+            let report_thread = scope.spawn(move || {
+                let counts = write_report(report, self.stages, self.options.dry_run, report_rx);
+                if let Err(e) = &counts {
+                    shutdown.stop(StopReason::Failure(e.to_string()));
+                }
+                counts
+            });
+            let (merged, input_rows) = self.read_and_merge(scope, files, &read, &lanes, &report_tx);
+            drop(report_tx);
+            self.finish_lanes(&lanes, deliveries, &merged);
+            let sinks = lanes
+                .iter()
+                .map(|(lane, sink)| summarize(lane, sink.as_ref()))
+                .collect();
+            drop(lanes);
+            let counts = report_thread.join().unwrap_or_else(|_| {
+                Err(ReportError {
+                    path: report_path.to_owned(),
+                    message: "report writer stopped unexpectedly".into(),
+                })
+            });
+            Flowed {
+                merged,
+                input_rows,
+                counts,
+                sinks,
+            }
+        });
+        progress.finish();
+        // Every sink is done: the last deliveries are committed before the run ends.
+        let state_result = state.map(|(writer, thread)| {
+            drop(writer);
+            thread.finish()
+        });
+        let (plans, unique_phones) = flowed.merged?;
+        let counts = flowed.counts?;
+        if let Some(result) = state_result {
+            result?;
+        }
+        let interrupted = match self.shutdown.reason() {
+            Some(StopReason::Failure(why)) => {
+                return Err(RunError::Report(ReportError {
+                    path: report_path.to_owned(),
+                    message: why.clone(),
+                }));
+            }
+            other => other.map(|r| match r {
+                StopReason::Signal(name) => format!("{name} received"),
+                _ => "--max-duration reached".to_owned(),
+            }),
+        };
+        Ok(RunOutcome {
+            counts,
+            input_rows: flowed.input_rows,
+            unique_phones,
+            elapsed: self.started.elapsed(),
+            report_path: report_path.to_owned(),
+            plans,
+            dry_run: self.options.dry_run,
+            sinks: flowed.sinks,
+            sandbox_received: None,
+            interrupted,
+            max_duration: self.options.max_duration,
+        })
+    }
+
+    /// The reader and normalizer threads, and the merger on this thread.
+    fn read_and_merge<'s>(
+        &'s self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        files: &'s [source::InputFile],
+        read: &'s ReadMeter,
+        lanes: &[LaneOf],
+        report_tx: &Sender<ReportMsg>,
+    ) -> (Result<(Vec<SinkPlan>, u64), RunError>, u64) {
+        let (raw_tx, raw_rx) = bounded::<Result<Chunk, SourceError>>(CHANNEL_CHUNKS);
+        let (checked_tx, checked_rx) = bounded::<Result<Checked, SourceError>>(CHANNEL_CHUNKS * 2);
+        // One token per chunk between the reader and the merger.
+        let (permits_tx, permits_rx) = bounded::<()>(IN_FLIGHT_CHUNKS);
+        let reader = scope.spawn(move || {
+            let reader = ChunkReader {
+                stages: self.stages,
+                shutdown: self.shutdown,
+                read,
+                permits: permits_tx,
+            };
+            reader.read_all(files, raw_tx)
+        });
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for _ in 0..workers {
+            let (raw_rx, checked_tx) = (raw_rx.clone(), checked_tx.clone());
+            scope.spawn(move || normalize_worker(self.stages, self.hashing, raw_rx, checked_tx));
+        }
+        drop((raw_rx, checked_tx));
+        let mut merger = Merger::new(self, lanes);
+        let merged = merger.merge(checked_rx, report_tx, &permits_rx);
+        if merged.is_err() {
+            self.shutdown.stop(StopReason::Failure(
+                "the input could not be read to the end".into(),
+            ));
+        }
+        drop(permits_rx);
+        (merged, reader.join().unwrap_or(0))
+    }
+
+    /// One lane and one delivery task per sink, on the runtime.
+    fn start_lanes(
+        &self,
+        tokens: Vec<String>,
+        state: Option<StateWriter>,
+        report_tx: &Sender<ReportMsg>,
+        report_path: &Path,
+    ) -> Result<Vec<LaneOf>, RunError> {
+        let spool_dir = spool_dir(report_path);
+        let mut lanes = Vec::new();
+        for (s, (sink, token)) in self.stages.sinks.iter().zip(tokens).enumerate() {
             let to_report = report_tx.clone();
-            let outcomes: sink::Outcomes = Arc::new(move |rows: Vec<SinkRow>| {
+            let outcomes: Outcomes = Arc::new(move |rows: Vec<SinkRow>| {
                 let _ = to_report.send(ReportMsg::Rows(rows));
             });
-            let runtime_sink = SinkRuntime::new(
-                sink_config.clone(),
-                tokens[s].clone(),
-                sink_progress[s].clone(),
-                outcomes,
-                state.as_ref().map(|(writer, _)| (writer.clone(), s)),
-                interrupted.clone(),
+            let uploader = Uploader::new(
+                sink.kind(),
+                sink.common(),
+                sink.idempotent(),
+                self.shutdown.clone(),
             )
-            .map(Arc::new)
             .map_err(|e| RunError::Runtime(e.to_string()))?;
-            let (tx, rx) = tokio::sync::mpsc::channel(SINK_CHANNEL_ITEMS);
-            sink_tasks.push(rt.spawn(sink::run(runtime_sink.clone(), rx)));
-            runtimes.push(runtime_sink);
-            senders.push(tx);
+            let lane = Arc::new(Lane::new(
+                sink.kind(),
+                token,
+                uploader,
+                &spool_dir,
+                outcomes,
+                state.clone().map(|w| (w, s)),
+                self.shutdown.clone(),
+            ));
+            lanes.push((lane, sink.clone()));
         }
-        delivery = Some(Delivery {
-            senders,
-            progress: sink_progress.clone(),
-            layout: layout.clone(),
-        });
+        Ok(lanes)
     }
 
-    let result = std::thread::scope(|scope| {
-        let stops = [&stop, &*interrupted];
-        let (files, config_ref, layout_ref) = (&files, &config, &layout);
-        let reader = scope.spawn(move || read_all(files, config_ref, layout_ref, raw_tx, stops));
-        for _ in 0..workers {
-            let raw_rx = raw_rx.clone();
-            let checked_tx = checked_tx.clone();
-            let config = config.clone();
-            let layout = layout.clone();
-            let hashing = hashing.clone();
-            scope.spawn(move || normalize_worker(&config, &layout, &hashing, raw_rx, checked_tx));
+    /// Closes the lanes' queues (no more rows), warns about plans that do not
+    /// fit the time box, and waits for every lane to report every row.
+    fn finish_lanes(
+        &self,
+        lanes: &[LaneOf],
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+        merged: &Result<(Vec<SinkPlan>, u64), RunError>,
+    ) {
+        for (lane, _) in lanes {
+            lane.queue.close();
         }
-        drop(raw_rx);
-        drop(checked_tx);
-        let rows_done = progress.counter();
-        let layout_ref = &layout;
-        let kinds = kinds.clone();
-        let dry_run = options.dry_run;
-        let writer = scope
-            .spawn(move || write_report(report, layout_ref, kinds, dry_run, report_rx, rows_done));
-        let merged = merge(
-            &config,
-            checked_rx,
-            report_tx.clone(),
-            delivery.as_ref(),
-            &incremental,
-        );
-        if merged.is_err() {
-            stop.store(true, Ordering::Relaxed);
-        }
-        // End of input: close the sink channels and wait for every request to finish.
-        drop(delivery.take());
-        if let Some(rt) = &runtime {
-            for task in sink_tasks.drain(..) {
-                let _ = rt.block_on(task);
+        if let (Ok((plans, _)), Some(limit)) = (merged, self.options.max_duration) {
+            let left = limit.saturating_sub(self.started.elapsed());
+            for warning in plans.iter().filter_map(|p| p.over_limit(left)) {
+                eprintln!("crm-import: {warning}");
             }
         }
-        drop(report_tx);
-        let summaries: Vec<SinkSummary> = runtimes.drain(..).map(|r| summarize(&r)).collect();
-        let input_rows = reader.join().unwrap_or(0);
-        let written = writer.join().map_err(|_| ReportError {
-            path: report_path.clone(),
-            message: "report writer stopped unexpectedly".into(),
-        });
-        (merged, input_rows, written, summaries)
-    });
-    progress.finish();
-    // Every sink is done: the last deliveries are committed before the run ends.
-    let state_result = state.take().map(|(writer, thread)| {
-        drop(writer);
-        thread.finish()
-    });
-    let sandbox_log = sandbox.as_ref().map(Sandbox::log);
-    drop(sandbox);
-    let (merged, input_rows, written, sinks) = result;
-    let (plans, unique_phones) = merged?;
-    let counts = written??;
-    if let Some(result) = state_result {
-        result?;
+        for task in tasks {
+            if let Err(e) = self.runtime.block_on(task) {
+                // A delivery task that panicked: its unreported rows cannot be
+                // vouched for, so the run fails loudly instead of exiting 0.
+                self.shutdown.stop(StopReason::Failure(format!(
+                    "a sink's delivery stopped unexpectedly ({e})"
+                )));
+            }
+        }
     }
-    Ok(RunOutcome {
-        counts,
-        input_rows,
-        unique_phones,
-        elapsed: started.elapsed(),
-        report_path,
-        plans,
-        dry_run: options.dry_run,
-        sinks,
-        sandbox_log,
-        interrupted: interrupted.load(Ordering::Relaxed),
-    })
+
+    /// What progress shows of each sink.
+    fn meters(&self, lanes: &[LaneOf]) -> Vec<SinkMeter> {
+        lanes
+            .iter()
+            .map(|(lane, sink)| SinkMeter {
+                name: sink.kind().name(),
+                progress: lane.progress.clone(),
+                requests_per_second: sink.common().rate.per_second(),
+                rows_per_request: 1000 / sink.requests_for(1000).max(1),
+            })
+            .collect()
+    }
 }
 
-/// The state scope of a sink (see `state.rs`).
-fn state_scope(sink_config: &SinkConfig) -> Scope {
-    let (sink, scope) = match sink_config {
-        SinkConfig::Chatfuel(c) => ("chatfuel", c.automation_id.clone()),
-        SinkConfig::Weni(_) => ("weni", String::new()),
-        SinkConfig::CloudHumans(c) => ("cloudhumans", c.template_name.clone()),
-    };
-    Scope { sink, scope }
+/// The state file of a run: `--sandbox` keeps its own beside the configured
+/// one, so a rehearsal can never mark anything delivered for real.
+pub fn state_path_for(configured: &Path, sandbox: bool) -> PathBuf {
+    if !sandbox {
+        return configured.to_owned();
+    }
+    let mut name = configured.as_os_str().to_owned();
+    name.push(".sandbox.db");
+    PathBuf::from(name)
 }
 
-/// Each sink's token, from the environment variable its config names.
-fn tokens_from_env(config: &Config) -> Result<Vec<String>, RunError> {
+/// Where lanes spill their queues: beside the report (the run's working area).
+fn spool_dir(report_path: &Path) -> PathBuf {
+    report_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Every header is checked before any row is processed (stdin is checked when read).
+fn check_headers(
+    files: &[source::InputFile],
+    input: &InputConfig,
+    layout: &Layout,
+) -> Result<(), RunError> {
+    for file in files.iter().filter(|f| f.path.is_some()) {
+        let reader = source::open(file, input)?;
+        source::resolve_columns(&file.name, reader.header(), &layout.columns)?;
+    }
+    Ok(())
+}
+
+/// Each sink's token: from the environment variable its config names, trimmed
+/// (a `.env` file written on Windows leaves a `\r`), and able to form a header.
+fn tokens(config: &Config, options: &RunOptions) -> Result<Vec<String>, RunError> {
+    if options.dry_run || options.sandbox {
+        return Ok(vec![SANDBOX_TOKEN.to_owned(); config.sinks.len()]);
+    }
     config
         .sinks
         .iter()
         .map(|s| {
-            let var = &s.common().token_env;
-            std::env::var(var)
-                .ok()
-                .filter(|t| !t.trim().is_empty())
-                .ok_or_else(|| RunError::MissingToken {
+            let (sink, var) = (s.kind().name(), s.common().token_env.clone());
+            let token = std::env::var_os(&var)
+                .map(|t| t.to_string_lossy().trim().to_owned())
+                .filter(|t| !t.is_empty());
+            let Some(token) = token else {
+                return Err(RunError::MissingToken {
                     path: config.path.clone(),
-                    sink: s.kind().name(),
-                    var: var.clone(),
-                })
+                    sink,
+                    var,
+                });
+            };
+            if reqwest::header::HeaderValue::from_str(&token).is_err() || !token.is_ascii() {
+                return Err(RunError::BadToken { sink, var });
+            }
+            Ok(token)
         })
         .collect()
+}
+
+/// SIGTERM and SIGINT stop the run gracefully; a second one quits at once.
+async fn watch_signals(shutdown: Shutdown) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        if shutdown.signal(name) > 1 {
+            eprintln!("\ncrm-import: {name} again: quitting now (the state is consistent)");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ncrm-import: {name}: no new rows or requests; finishing the requests in flight and writing the state and report ({name} again quits at once)"
+        );
+    }
 }
 
 /// Starts the in-process sandbox on a loopback ephemeral port and points every
@@ -497,107 +575,108 @@ fn start_sandbox(
     config: &mut Config,
 ) -> Result<Sandbox, RunError> {
     let mut options = SandboxOptions::default();
-    for sink_config in &config.sinks {
-        match sink_config {
-            SinkConfig::Chatfuel(c) => options.chatfuel_automations.push(c.automation_id.clone()),
-            SinkConfig::CloudHumans(c) => {
-                options
-                    .cloudhumans_accounts
-                    .insert(c.account_id.clone(), vec![c.inbox_id.clone()]);
-                options.cloudhumans_templates.push(c.template_name.clone());
-            }
-            SinkConfig::Weni(_) => {}
-        }
+    for sink in &config.sinks {
+        sink.configure_sandbox(&mut options);
     }
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let sandbox = runtime
         .block_on(Sandbox::start(addr, options))
         .map_err(RunError::Sandbox)?;
-    for sink_config in &mut config.sinks {
-        sink_config.common_mut().base_url = sandbox.base_url();
+    for sink in &mut config.sinks {
+        sink.common_mut().base_url = sandbox.base_url();
     }
     Ok(sandbox)
 }
 
-fn summarize(runtime: &SinkRuntime) -> SinkSummary {
-    let stats = &runtime.uploader.stats;
+fn summarize(lane: &Lane, sink: &dyn Sink) -> SinkSummary {
+    let stats = &lane.uploader.stats;
     SinkSummary {
-        kind: runtime.kind(),
+        kind: lane.kind,
         requests: stats.requests.load(Ordering::Relaxed),
         throttled: stats.throttled.load(Ordering::Relaxed),
         retries: stats.retries.load(Ordering::Relaxed),
         achieved_rate: stats.achieved_rate(),
-        rate: runtime.config.common().rate,
-        auth_refused: runtime.uploader.stopped(),
+        rate: sink.common().rate,
+        auth_refused: lane.uploader.stopped(),
     }
 }
 
-/// Reader thread: every input in order, cut into chunks. Returns rows read.
-fn read_all(
-    files: &[source::InputFile],
-    config: &Config,
-    layout: &Layout,
-    tx: Sender<Result<Chunk, SourceError>>,
-    stops: [&AtomicBool; 2],
-) -> u64 {
-    let mut seq = 0;
-    let mut rows = 0;
-    for (index, file) in files.iter().enumerate() {
-        let opened = source::open(file, &config.input).and_then(|mut reader| {
-            let projection = source::resolve_columns(&file.name, reader.header(), &layout.columns)?;
-            reader.project(projection);
-            Ok(reader)
-        });
-        let mut reader = match opened {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return rows;
-            }
-        };
-        let name: Arc<str> = Arc::from(file.name.as_str());
-        loop {
-            if stops.iter().any(|s| s.load(Ordering::Relaxed)) {
-                return rows;
-            }
-            let mut chunk = Chunk::new(seq, index as u32, name.clone(), layout.columns.len());
-            match reader.fill(&mut chunk, CHUNK_ROWS) {
-                Ok(more) => {
-                    rows += chunk.len() as u64;
-                    if !chunk.is_empty() {
-                        seq += 1;
-                        if tx.send(Ok(chunk)).is_err() {
-                            return rows;
-                        }
-                    }
-                    if !more {
-                        break;
-                    }
-                }
+/// The reader thread's view.
+struct ChunkReader<'a> {
+    stages: &'a Stages,
+    shutdown: &'a Shutdown,
+    read: &'a ReadMeter,
+    /// A place must be free here before a chunk is sent (see `IN_FLIGHT_CHUNKS`).
+    permits: Sender<()>,
+}
+
+impl ChunkReader<'_> {
+    /// Every input in order, cut into chunks. Returns rows read.
+    fn read_all(&self, files: &[source::InputFile], tx: Sender<Result<Chunk, SourceError>>) -> u64 {
+        let (mut seq, mut rows, mut bytes_before) = (0, 0, 0);
+        for (index, file) in files.iter().enumerate() {
+            let layout = &self.stages.layout;
+            let opened = source::open(file, &self.stages.input).and_then(|mut reader| {
+                reader.project(source::resolve_columns(
+                    &file.name,
+                    reader.header(),
+                    &layout.columns,
+                )?);
+                Ok(reader)
+            });
+            let mut reader = match opened {
+                Ok(r) => r,
                 Err(e) => {
-                    rows += chunk.len() as u64;
                     let _ = tx.send(Err(e));
                     return rows;
                 }
+            };
+            let name: Arc<str> = Arc::from(file.name.as_str());
+            loop {
+                if self.shutdown.stops_reading() {
+                    return rows;
+                }
+                let mut chunk = Chunk::new(seq, index as u32, name.clone(), layout.columns.len());
+                let filled = reader.fill(&mut chunk, CHUNK_ROWS);
+                rows += chunk.len() as u64;
+                self.read.rows.store(rows, Ordering::Relaxed);
+                let at = bytes_before + reader.bytes_read();
+                self.read.bytes.store(at, Ordering::Relaxed);
+                let more = match filled {
+                    Ok(more) => more,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return rows;
+                    }
+                };
+                if !chunk.is_empty() {
+                    seq += 1;
+                    if self.permits.send(()).is_err() || tx.send(Ok(chunk)).is_err() {
+                        return rows;
+                    }
+                }
+                if !more {
+                    break;
+                }
             }
+            bytes_before += reader.bytes_read();
         }
+        rows
     }
-    rows
 }
 
 /// Normalizer worker: phones → E.164, then each sink's check. One [`PhoneNormalizer`]
 /// per worker, so compiled patterns are never shared or locked.
 fn normalize_worker(
-    config: &Config,
-    layout: &Layout,
+    stages: &Stages,
     hashing: &[bool],
     rx: Receiver<Result<Chunk, SourceError>>,
     tx: Sender<Result<Checked, SourceError>>,
 ) {
-    let mut normalizer = PhoneNormalizer::new(config.input.default_region.clone());
+    let mut normalizer = PhoneNormalizer::new(stages.input.default_region.clone());
     for message in rx {
         let out = message.map(|mut chunk| {
-            let checks = normalize_chunk(config, layout, hashing, &mut normalizer, &mut chunk);
+            let checks = normalize_chunk(stages, hashing, &mut normalizer, &mut chunk);
             Checked { chunk, checks }
         });
         if tx.send(out).is_err() {
@@ -607,15 +686,15 @@ fn normalize_worker(
 }
 
 /// Fills each pending row's [`Outcome`] and returns the sinks' checks (`rows × sinks`).
-/// `hashing[s]`: whether sink `s` needs payload hashes (see [`sink::check`]).
+/// `hashing[s]`: whether sink `s` needs payload hashes (see [`Sink::check`]).
 pub fn normalize_chunk(
-    config: &Config,
-    layout: &Layout,
+    stages: &Stages,
     hashing: &[bool],
     normalizer: &mut PhoneNormalizer,
     chunk: &mut Chunk,
 ) -> Vec<Check> {
-    let sinks = config.sinks.len();
+    let sinks = stages.sinks.len();
+    let layout = &stages.layout;
     let mut checks = vec![Check::Ready { group: 0, hash: 0 }; chunk.len() * sinks];
     for i in 0..chunk.len() {
         if !matches!(chunk.rows[i].outcome, Outcome::Pending) {
@@ -644,8 +723,8 @@ pub fn normalize_chunk(
         chunk.rows[i].outcome = match found {
             Some((raw_column, phone)) => {
                 let row = RowView { chunk, index: i };
-                for (s, sink_config) in config.sinks.iter().enumerate() {
-                    checks[i * sinks + s] = sink::check(sink_config, row, phone, hashing[s]);
+                for (s, sink) in stages.sinks.iter().enumerate() {
+                    checks[i * sinks + s] = sink.check(row, phone, hashing[s]);
                 }
                 Outcome::Unique { raw_column, phone }
             }
@@ -658,242 +737,234 @@ pub fn normalize_chunk(
     checks
 }
 
-/// What the state says about rows, and which flags override it.
-pub struct Incremental {
-    /// Per sink (config order): what was delivered before.
-    indexes: Vec<SinkIndex>,
-    /// `--full`: Chatfuel and Weni send everything again.
-    full: bool,
-    /// `--resend-messages`: CloudHumans sends again what it sent before.
-    resend_messages: bool,
-    /// `--resend-unknown`: CloudHumans sends messages an interrupted run may have sent.
-    resend_unknown: bool,
+/// The merger: back in input order, dedup, the state, the caps, the hand-off to the lanes.
+struct Merger<'a> {
+    run: &'a Run<'a>,
+    lanes: &'a [(Arc<Lane>, Arc<dyn Sink>)],
+    dedup: Dedup,
+    /// Rows handed to each sink so far (for `--limit` and the sinks' caps).
+    sent: Vec<u64>,
+    /// Per sink: rows per request group (the plan).
+    groups: Vec<HashMap<u64, u64>>,
 }
 
-impl Incremental {
-    /// `Some(check)` when the state decides the row (`unchanged` / `unknown`), `None` to send it.
-    fn decide(
-        &self,
-        s: usize,
-        sink_config: &SinkConfig,
-        phone: crate::phone::E164,
-        hash: u64,
-    ) -> Option<Check> {
-        let index = self.indexes.get(s)?;
-        match sink_config {
-            SinkConfig::CloudHumans(c) => {
-                if !self.resend_messages && index.delivered(phone).is_some() {
-                    return Some(Check::Unchanged);
-                }
-                if !self.resend_unknown
-                    && let Some(since) = index.in_flight_since(phone)
-                {
-                    return Some(Check::Unknown(
-                        format!(
-                            "an interrupted run (at unix time {since}) may have sent template {} already; not resent (--resend-unknown sends it again)",
-                            c.template_name
-                        )
-                        .into(),
-                    ));
-                }
-                None
-            }
-            _ => (!self.full && index.delivered(phone) == Some(hash)).then_some(Check::Unchanged),
+impl<'a> Merger<'a> {
+    fn new(run: &'a Run<'a>, lanes: &'a [(Arc<Lane>, Arc<dyn Sink>)]) -> Merger<'a> {
+        let n = run.stages.sinks.len();
+        Merger {
+            run,
+            lanes,
+            dedup: Dedup::new(),
+            sent: vec![0; n],
+            groups: vec![HashMap::new(); n],
         }
     }
-}
 
-/// Merger: back in input order, dedup, `max_messages`, the request plan.
-fn merge(
-    config: &Config,
-    rx: Receiver<Result<Checked, SourceError>>,
-    tx: Sender<ReportMsg>,
-    delivery: Option<&Delivery>,
-    incremental: &Incremental,
-) -> Result<(Vec<SinkPlan>, u64), SourceError> {
-    let sinks = config.sinks.len();
-    let mut dedup = Dedup::new();
-    let mut pending: BTreeMap<u64, Checked> = BTreeMap::new();
-    let mut next = 0u64;
-    let mut sent_rows = vec![0u64; sinks];
-    let mut chatfuel_groups: HashMap<u64, u64> = HashMap::new();
-    for message in rx {
-        let checked = message?;
-        pending.insert(checked.chunk.seq, checked);
-        while let Some(mut checked) = pending.remove(&next) {
-            next += 1;
-            let chunk = &mut checked.chunk;
-            for i in 0..chunk.len() {
-                let Outcome::Unique { raw_column, phone } = chunk.rows[i].outcome else {
-                    continue;
-                };
-                let at = Position {
-                    source: chunk.source,
-                    row: chunk.rows[i].row,
-                };
-                if let Some(first) = dedup.check(phone, at) {
-                    chunk.rows[i].outcome = Outcome::Duplicate {
-                        raw_column,
-                        phone,
-                        first,
-                    };
-                    continue;
-                }
-                for (s, sink_config) in config.sinks.iter().enumerate() {
-                    let check = &mut checked.checks[i * sinks + s];
-                    let Check::Ready { group, hash } = *check else {
-                        continue;
-                    };
-                    if let Some(decided) = incremental.decide(s, sink_config, phone, hash) {
-                        *check = decided;
-                        continue;
-                    }
-                    if let SinkConfig::CloudHumans(c) = sink_config
-                        && c.max_messages.is_some_and(|max| sent_rows[s] >= max)
-                    {
-                        *check = Check::Skipped(
-                            format!("max_messages ({}) reached", c.max_messages.unwrap_or(0))
-                                .into(),
-                        );
-                        continue;
-                    }
-                    sent_rows[s] += 1;
-                    if matches!(sink_config, SinkConfig::Chatfuel(_)) {
-                        *chatfuel_groups.entry(group).or_insert(0) += 1;
-                    }
-                    if let Some(delivery) = delivery {
-                        let row = RowView { chunk, index: i };
-                        let item = SinkItem {
-                            meta: item_meta(&delivery.layout, chunk, i, raw_column, phone, hash),
-                            payload: sink::build(sink_config, row, phone, group),
-                        };
-                        delivery.progress[s].queued.fetch_add(1, Ordering::Relaxed);
-                        if let Err(lost) = delivery.senders[s].blocking_send(item) {
-                            // The sink's task is gone: the row is still accounted for.
-                            let _ = tx.send(ReportMsg::Rows(vec![SinkRow {
-                                meta: lost.0.meta,
-                                sink: sink_config.kind(),
-                                status: Status::Failed,
-                                http_status: None,
-                                attempts: 0,
-                                detail: "the sink stopped unexpectedly".into(),
-                            }]));
-                        }
-                    }
+    fn merge(
+        &mut self,
+        rx: Receiver<Result<Checked, SourceError>>,
+        tx: &Sender<ReportMsg>,
+        permits: &Receiver<()>,
+    ) -> Result<(Vec<SinkPlan>, u64), RunError> {
+        let mut pending: BTreeMap<u64, Checked> = BTreeMap::new();
+        let mut next = 0u64;
+        for message in rx {
+            let checked = message?;
+            pending.insert(checked.chunk.seq, checked);
+            while let Some(mut checked) = pending.remove(&next) {
+                next += 1;
+                let _ = permits.try_recv();
+                self.merge_chunk(&mut checked)?;
+                if tx.send(ReportMsg::Chunk(checked)).is_err() {
+                    return Err(RunError::Report(ReportError {
+                        path: PathBuf::new(),
+                        message: "report writer stopped".into(),
+                    }));
                 }
             }
-            if tx.send(ReportMsg::Chunk(checked)).is_err() {
-                break;
-            }
         }
+        let plans = self
+            .run
+            .stages
+            .sinks
+            .iter()
+            .enumerate()
+            .map(|(s, sink)| SinkPlan {
+                kind: sink.kind(),
+                rows: self.sent[s],
+                counts: sink.plan(self.sent[s], &self.groups[s]),
+                rate: sink.common().rate,
+                concurrency: sink.common().concurrency,
+            })
+            .collect();
+        Ok((plans, self.dedup.len() as u64))
     }
-    let plans = config
-        .sinks
-        .iter()
-        .enumerate()
-        .map(|(s, sink_config)| plan_for(sink_config, sent_rows[s], &chatfuel_groups))
-        .collect();
-    Ok((plans, dedup.len() as u64))
-}
 
-/// The report's view of a record that goes to a sink.
-fn item_meta(
-    layout: &Layout,
-    chunk: &Chunk,
-    i: usize,
-    raw_column: u8,
-    phone: crate::phone::E164,
-    hash: u64,
-) -> ItemMeta {
-    ItemMeta {
-        source: chunk.source_name.clone(),
-        row: chunk.rows[i].row,
-        record_id: layout.id.map(|c| chunk.cell(i, c)).unwrap_or("").into(),
-        phone_raw: chunk.cell(i, layout.phones[raw_column as usize]).into(),
-        phone,
-        hash,
-    }
-}
-
-fn plan_for(sink_config: &SinkConfig, rows: u64, chatfuel_groups: &HashMap<u64, u64>) -> SinkPlan {
-    let common = sink_config.common();
-    let (requests, property_sets, prepare_requests) = match sink_config {
-        SinkConfig::Chatfuel(c) => {
-            let batch = c.batch_size as u64;
-            let requests = chatfuel_groups.values().map(|n| n.div_ceil(batch)).sum();
-            (requests, Some(chatfuel_groups.len() as u64), 0)
-        }
-        SinkConfig::Weni(c) => {
-            let prepare = if rows == 0 || c.mode == WeniMode::Delete {
-                0
-            } else {
-                2 + c.fields.len() as u64 + c.groups.len() as u64
+    fn merge_chunk(&mut self, checked: &mut Checked) -> Result<(), SpoolError> {
+        let sinks = self.run.stages.sinks.len();
+        let chunk = &mut checked.chunk;
+        for i in 0..chunk.len() {
+            let Outcome::Unique { raw_column, phone } = chunk.rows[i].outcome else {
+                continue;
             };
-            (rows, None, prepare)
+            let at = Position {
+                source: chunk.source,
+                row: chunk.rows[i].row,
+            };
+            if let Some(first) = self.dedup.check(phone, at) {
+                chunk.rows[i].outcome = Outcome::Duplicate {
+                    raw_column,
+                    phone,
+                    first,
+                };
+                continue;
+            }
+            for s in 0..sinks {
+                let check = &mut checked.checks[i * sinks + s];
+                self.route(s, RowView { chunk, index: i }, raw_column, phone, check)?;
+            }
         }
-        SinkConfig::CloudHumans(_) => (rows, None, 0),
-    };
-    SinkPlan {
-        kind: sink_config.kind(),
-        rows,
-        requests,
-        property_sets,
-        prepare_requests,
-        rate: common.rate,
-        concurrency: common.concurrency,
+        Ok(())
+    }
+
+    /// Decides a ready row for sink `s`: the state, the time box, the caps —
+    /// or hands it to the sink's lane (which reports it when its request ends).
+    fn route(
+        &mut self,
+        s: usize,
+        row: RowView<'_>,
+        raw_column: u8,
+        phone: E164,
+        check: &mut Check,
+    ) -> Result<(), SpoolError> {
+        let Check::Ready { group, hash } = *check else {
+            return Ok(());
+        };
+        let sink = &self.run.stages.sinks[s];
+        let known = &self.run.incremental;
+        if let Some(decided) = sink.decide(&known.indexes[s], known.rerun, phone, hash) {
+            *check = decided;
+            return Ok(());
+        }
+        if let Some(reason) = self.run.shutdown.reason() {
+            *check = Check::Skipped(reason.detail().into());
+            return Ok(());
+        }
+        if self.run.options.limit.is_some_and(|n| self.sent[s] >= n) {
+            *check = Check::Skipped("limit".into());
+            return Ok(());
+        }
+        if let Some((max, key)) = sink.max_rows()
+            && self.sent[s] >= max
+        {
+            *check = Check::Skipped(format!("{key} ({max}) reached").into());
+            return Ok(());
+        }
+        self.sent[s] += 1;
+        *self.groups[s].entry(group).or_insert(0) += 1;
+        if let Some((lane, _)) = self.lanes.get(s) {
+            let layout = &self.run.stages.layout;
+            let meta = ItemMeta {
+                source: row.chunk.source_name.clone(),
+                row: row.chunk.rows[row.index].row,
+                record_id: layout.id.map(|c| row.cell(c)).unwrap_or("").into(),
+                phone_raw: row.cell(layout.phones[raw_column as usize]).into(),
+                phone,
+                hash,
+            };
+            let payload = sink.build(row, phone, group);
+            lane.push(SinkItem { meta, payload })?;
+        }
+        Ok(())
     }
 }
 
-/// Report thread: the accountant. One row per record-level outcome, else one per sink.
+/// Report thread: the accountant. One row per record-level outcome, else one
+/// per sink. Flushed at least every second, even while no row arrives, so a
+/// killed run's report holds everything up to its last second.
 fn write_report(
     mut report: Report,
-    layout: &Layout,
-    kinds: Vec<SinkKind>,
+    stages: &Stages,
     dry_run: bool,
     rx: Receiver<ReportMsg>,
-    rows_done: Arc<AtomicU64>,
 ) -> Result<Counts, ReportError> {
+    let kinds: Vec<SinkKind> = stages.sinks.iter().map(|s| s.kind()).collect();
     let mut source_names: Vec<Arc<str>> = Vec::new();
-    let sinks = kinds.len();
     let mut last_flush = Instant::now();
-    for message in rx {
-        // At most a second of finished rows is lost if the process is killed.
+    loop {
+        let message = match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(message) => message,
+            Err(RecvTimeoutError::Timeout) => {
+                report.flush()?;
+                last_flush = Instant::now();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         if last_flush.elapsed() >= Duration::from_secs(1) {
             report.flush()?;
             last_flush = Instant::now();
         }
-        let checked = match message {
-            ReportMsg::Chunk(checked) => checked,
+        match message {
             ReportMsg::Rows(rows) => {
                 for r in &rows {
-                    report.write(&ReportRow {
-                        source: &r.meta.source,
-                        row: r.meta.row,
-                        record_id: &r.meta.record_id,
-                        phone_raw: &r.meta.phone_raw,
-                        phone_e164: Some(r.meta.phone),
-                        sink: Some(r.sink),
-                        status: r.status,
-                        http_status: r.http_status,
-                        attempts: r.attempts,
-                        detail: &r.detail,
-                    })?;
+                    report.write(&sink_row(r))?;
                 }
-                continue;
             }
-        };
-        let chunk = &checked.chunk;
-        if source_names.len() <= chunk.source as usize {
-            source_names.resize(chunk.source as usize + 1, Arc::from(""));
+            ReportMsg::Chunk(checked) => {
+                let chunk = &checked.chunk;
+                if source_names.len() <= chunk.source as usize {
+                    source_names.resize(chunk.source as usize + 1, Arc::from(""));
+                }
+                source_names[chunk.source as usize] = chunk.source_name.clone();
+                let chunk_report = ChunkReport {
+                    layout: &stages.layout,
+                    kinds: &kinds,
+                    dry_run,
+                    source_names: &source_names,
+                };
+                chunk_report.write(&mut report, &checked)?;
+            }
         }
-        source_names[chunk.source as usize] = chunk.source_name.clone();
+    }
+    report.finish()
+}
+
+/// A lane's report row.
+fn sink_row(r: &SinkRow) -> ReportRow<'_> {
+    ReportRow {
+        source: &r.meta.source,
+        row: r.meta.row,
+        record_id: &r.meta.record_id,
+        phone_raw: &r.meta.phone_raw,
+        phone_e164: Some(r.meta.phone),
+        sink: Some(r.sink),
+        status: r.status,
+        http_status: r.http_status,
+        attempts: r.attempts,
+        detail: &r.detail,
+    }
+}
+
+/// Writes the report rows a chunk decides by itself.
+struct ChunkReport<'a> {
+    layout: &'a Layout,
+    kinds: &'a [SinkKind],
+    dry_run: bool,
+    source_names: &'a [Arc<str>],
+}
+
+impl ChunkReport<'_> {
+    fn write(&self, report: &mut Report, checked: &Checked) -> Result<(), ReportError> {
+        let chunk = &checked.chunk;
+        let layout = self.layout;
+        let sinks = self.kinds.len();
         for (i, meta) in chunk.rows.iter().enumerate() {
-            let record_id = layout.id.map(|c| chunk.cell(i, c)).unwrap_or("");
             let raw_of = |k: u8| chunk.cell(i, layout.phones[k as usize]);
             let mut row = ReportRow {
                 source: &chunk.source_name,
                 row: meta.row,
-                record_id,
+                record_id: layout.id.map(|c| chunk.cell(i, c)).unwrap_or(""),
                 phone_raw: "",
                 phone_e164: None,
                 sink: None,
@@ -924,10 +995,10 @@ fn write_report(
                     row.phone_raw = raw_of(*raw_column);
                     row.phone_e164 = Some(*phone);
                     row.status = Status::Duplicate;
-                    let first_name = source_names
+                    let first_name = self
+                        .source_names
                         .get(first.source as usize)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::from("?"));
+                        .map_or("?", |n| &**n);
                     let detail = format!("duplicate of {first_name}:{}", first.row);
                     row.detail = &detail;
                     report.write(&row)?;
@@ -935,27 +1006,38 @@ fn write_report(
                 Outcome::Unique { raw_column, phone } => {
                     row.phone_raw = raw_of(*raw_column);
                     row.phone_e164 = Some(*phone);
-                    for (s, kind) in kinds.iter().enumerate() {
-                        row.sink = Some(*kind);
-                        let (status, detail) = match &checked.checks[i * sinks + s] {
-                            // In a real run the sink reports this row when its request ends.
-                            Check::Ready { .. } if !dry_run => continue,
-                            Check::Ready { .. } => (Status::DryRun, ""),
-                            Check::Unchanged => (Status::Unchanged, ""),
-                            Check::Unknown(d) => (Status::Unknown, &**d),
-                            Check::Rejected(d) => (Status::Rejected, &**d),
-                            Check::Skipped(d) => (Status::Skipped, &**d),
-                        };
-                        row.status = status;
-                        row.detail = detail;
-                        report.write(&row)?;
-                    }
+                    let checks = &checked.checks[i * sinks..(i + 1) * sinks];
+                    self.write_checks(report, &mut row, checks)?;
                 }
             }
         }
-        rows_done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
-    report.finish()
+
+    /// One row per sink whose outcome was decided before sending.
+    fn write_checks<'r>(
+        &self,
+        report: &mut Report,
+        row: &mut ReportRow<'r>,
+        checks: &'r [Check],
+    ) -> Result<(), ReportError> {
+        for (kind, check) in self.kinds.iter().zip(checks) {
+            row.sink = Some(*kind);
+            let (status, detail) = match check {
+                // In a real run the sink reports this row when its request ends.
+                Check::Ready { .. } if !self.dry_run => continue,
+                Check::Ready { .. } => (Status::DryRun, ""),
+                Check::Unchanged => (Status::Unchanged, ""),
+                Check::Unknown(d) => (Status::Unknown, &**d),
+                Check::Rejected(d) => (Status::Rejected, &**d),
+                Check::Skipped(d) => (Status::Skipped, &**d),
+            };
+            row.status = status;
+            row.detail = detail;
+            report.write(row)?;
+        }
+        Ok(())
+    }
 }
 
 /// The phone text of a malformed row: its first non-empty phone cell, if any was read.

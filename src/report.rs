@@ -16,8 +16,8 @@ use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 
-use crate::config::SinkKind;
 use crate::phone::E164;
+use crate::sink::SinkKind;
 
 /// Report columns, in order (SPEC "The per-record report").
 pub const COLUMNS: [&str; 10] = [

@@ -4,8 +4,9 @@
 //! # Schema (SQLite, WAL mode, at `[state] path`)
 //!
 //! ```sql
-//! meta(key TEXT PRIMARY KEY, value TEXT)               -- schema_version = 1
-//! scopes(id INTEGER PRIMARY KEY, sink TEXT, scope TEXT, UNIQUE (sink, scope))
+//! meta(key TEXT PRIMARY KEY, value TEXT)               -- schema_version = 2
+//! scopes(id INTEGER PRIMARY KEY, sink TEXT, scope TEXT, UNIQUE (sink, scope),
+//!        legacy INTEGER)                                -- 1: a schema-1 scope not yet claimed
 //! delivered(scope_id INTEGER, phone INTEGER,            -- E.164 digits as an integer
 //!           payload_hash INTEGER, delivered_at INTEGER, -- PayloadHasher of the request payload; unix seconds
 //!           PRIMARY KEY (scope_id, phone)) WITHOUT ROWID
@@ -17,9 +18,25 @@
 //! Scopes are an integer id in the big tables, so that a row costs about 30
 //! bytes instead of repeating the `sink` and `scope` text in every row.
 //!
-//! `scope` separates what must not be mixed: Chatfuel's `automation_id`,
-//! CloudHumans' `template_name` (a phone gets each template at most once), and
-//! "" for Weni (one Weni org per state file).
+//! `scope` is what a delivery belongs to (SPEC "What the state belongs to"):
+//! Chatfuel's `base_url` and `automation_id`; Weni's `base_url` (one org);
+//! CloudHumans' `base_url`, `account_id`, `inbox_id` and `template_name` (a
+//! phone gets each template at most once). Pointing a sink elsewhere starts
+//! from nothing for it.
+//!
+//! # Upgrade from schema 1
+//! Schema 1 keyed scopes without the endpoint (`automation_id`, "",
+//! `template_name`). Opening such a file for writing marks its scopes
+//! `legacy`; a legacy scope is then claimed — renamed to the full identity —
+//! by the first config that opens the file with a sink whose schema-1 key
+//! matches it ([`Scope::legacy`]). Nothing is discarded. A dry run reads a
+//! legacy scope the same way without writing.
+//!
+//! # One run per state file
+//! [`RunLock`] holds an OS lock (`flock`) on `<state>.lock` for the whole run,
+//! so a second run on the same state exits at once instead of deciding
+//! against a stale snapshot; the kernel releases it when the holder ends in
+//! any way, `kill -9` included.
 //!
 //! # Rules
 //! - **Idempotent sinks** (Chatfuel, Weni) record a row after the platform
@@ -34,7 +51,9 @@
 //!   row — except that a marker's commit is awaited before its message is sent.
 //!   With `synchronous = NORMAL`, a commit survives the process being killed
 //!   (it is in the WAL) without an fsync; a power loss may lose the last
-//!   commits.
+//!   deliveries (Chatfuel and Weni would send them again, harmlessly). Commits
+//!   that carry in-flight markers run with `synchronous = FULL`, so a marker is
+//!   on disk before its message can leave, even across a power loss.
 //! - Lookups never hit SQLite per row: at start each sink's `(phone, hash)`
 //!   pairs for its scope are loaded into a sorted vector (16 bytes each) and
 //!   binary-searched.
@@ -49,7 +68,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use crate::phone::E164;
 
 /// Schema version written in `meta`.
-const SCHEMA_VERSION: &str = "1";
+const SCHEMA_VERSION: &str = "2";
 /// Most operations applied in one transaction.
 const MAX_BATCH: usize = 20_000;
 
@@ -109,7 +128,10 @@ impl PayloadHasher {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Scope {
     pub sink: &'static str,
+    /// The endpoint and account identity.
     pub scope: String,
+    /// What schema 1 called this scope, to claim a schema-1 file's rows.
+    pub legacy: String,
 }
 
 /// What the state knows for one sink and scope, loaded at start.
@@ -177,7 +199,7 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, StateError> {
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS scopes (
                  id INTEGER PRIMARY KEY, sink TEXT NOT NULL, scope TEXT NOT NULL,
-                 UNIQUE (sink, scope));
+                 legacy INTEGER NOT NULL DEFAULT 0, UNIQUE (sink, scope));
              CREATE TABLE IF NOT EXISTS delivered (
                  scope_id INTEGER NOT NULL, phone INTEGER NOT NULL,
                  payload_hash INTEGER NOT NULL, delivered_at INTEGER NOT NULL,
@@ -188,30 +210,73 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, StateError> {
                  PRIMARY KEY (scope_id, phone)) WITHOUT ROWID;",
         )
         .map_err(|e| err(format!("cannot prepare the schema: {e}")))?;
-        let version: Option<String> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .ok();
-        match version.as_deref() {
-            None => {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
-                    [SCHEMA_VERSION],
-                )
-                .map_err(|e| err(e.to_string()))?;
-            }
-            Some(SCHEMA_VERSION) => {}
-            Some(other) => {
-                return Err(err(format!(
-                    "schema version {other} is not the one this crm-import knows ({SCHEMA_VERSION}); use a matching crm-import or a new state path"
-                )));
-            }
-        }
+        upgrade(&conn).map_err(|e| err(format!("cannot upgrade the schema: {e}")))?;
     }
     Ok(conn)
+}
+
+/// The schema version of an open file (`None` for a new one).
+fn schema_version(conn: &Connection) -> Option<String> {
+    conn.query_row(
+        "SELECT value FROM meta WHERE key = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+/// Brings a new or schema-1 file to the current schema, in one transaction.
+fn upgrade(conn: &Connection) -> Result<(), String> {
+    match schema_version(conn).as_deref() {
+        None => conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                [SCHEMA_VERSION],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Some(SCHEMA_VERSION) => Ok(()),
+        Some("1") => conn
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 ALTER TABLE scopes ADD COLUMN legacy INTEGER NOT NULL DEFAULT 0;
+                 UPDATE scopes SET legacy = 1;
+                 UPDATE meta SET value = '2' WHERE key = 'schema_version';
+                 COMMIT;",
+            )
+            .map_err(|e| e.to_string()),
+        Some(other) => Err(format!(
+            "schema version {other} is not one this crm-import knows (1 or {SCHEMA_VERSION}); use a matching crm-import or a new state path"
+        )),
+    }
+}
+
+/// The id of `scope` in an open file: its own row, else an unclaimed schema-1
+/// row with its legacy key (`legacy_column`: the file has schema 2's column).
+fn find_scope(conn: &Connection, scope: &Scope, legacy_column: bool) -> Option<i64> {
+    let own = conn
+        .query_row(
+            if legacy_column {
+                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2 AND legacy = 0"
+            } else {
+                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2 AND 0"
+            },
+            params![scope.sink, scope.scope],
+            |r| r.get(0),
+        )
+        .ok();
+    own.or_else(|| {
+        conn.query_row(
+            if legacy_column {
+                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2 AND legacy = 1"
+            } else {
+                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2"
+            },
+            params![scope.sink, scope.legacy],
+            |r| r.get(0),
+        )
+        .ok()
+    })
 }
 
 /// Loads the index of each scope. A missing file (dry run) gives empty indexes.
@@ -224,17 +289,11 @@ pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Vec<SinkIn
         path: path.to_owned(),
         message: e.to_string(),
     };
+    let legacy_column = schema_version(&conn).as_deref() != Some("1");
     let mut indexes = Vec::with_capacity(scopes.len());
     for scope in scopes {
         let mut index = SinkIndex::default();
-        let id: Option<i64> = conn
-            .query_row(
-                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2",
-                params![scope.sink, scope.scope],
-                |r| r.get(0),
-            )
-            .ok();
-        let Some(id) = id else {
+        let Some(id) = find_scope(&conn, scope, legacy_column) else {
             indexes.push(index);
             continue;
         };
@@ -374,22 +433,91 @@ impl StateWriter {
     }
 }
 
-/// The id of each scope in the `scopes` table, created when new.
+/// The id of each scope in the `scopes` table: a schema-1 scope this config
+/// claims is renamed to its full identity; a new one is created.
 fn scope_ids(conn: &Connection, scopes: &[Scope]) -> rusqlite::Result<Vec<i64>> {
     scopes
         .iter()
         .map(|s| {
             conn.execute(
+                "UPDATE scopes SET scope = ?2, legacy = 0 WHERE sink = ?1 AND scope = ?3 AND legacy = 1
+                 AND NOT EXISTS (SELECT 1 FROM scopes WHERE sink = ?1 AND scope = ?2 AND legacy = 0)",
+                params![s.sink, s.scope, s.legacy],
+            )?;
+            conn.execute(
                 "INSERT INTO scopes (sink, scope) VALUES (?1, ?2) ON CONFLICT (sink, scope) DO NOTHING",
                 params![s.sink, s.scope],
             )?;
             conn.query_row(
-                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2",
+                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2 AND legacy = 0",
                 params![s.sink, s.scope],
                 |r| r.get(0),
             )
         })
         .collect()
+}
+
+/// The OS lock that makes one run per state file (see the module doc).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+/// Where the lock of the state at `state` lives.
+pub fn lock_path(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+impl RunLock {
+    /// Takes the lock, or says which process holds it. Writes this process id
+    /// into the lock file for the next one to name.
+    pub fn acquire(state: &Path) -> Result<RunLock, StateError> {
+        use std::io::{Read, Seek, Write};
+        let path = lock_path(state);
+        let err = |message: String| StateError {
+            path: state.to_owned(),
+            message,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| err(format!("cannot open the lock {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    "another crm-import run".to_owned()
+                } else {
+                    format!("another crm-import run (process id {holder})")
+                };
+                return Err(err(format!(
+                    "is in use by {who}; nothing was sent. Wait for it to end (it releases the lock however it ends), or give this run another [state] path"
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(err(format!("cannot lock {}: {e}", path.display())));
+            }
+        }
+        let pid = std::process::id().to_string();
+        let _ = file
+            .set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(pid.as_bytes()))
+            .and_then(|_| file.flush());
+        Ok(RunLock { _file: file })
+    }
 }
 
 fn write_loop(
@@ -418,7 +546,11 @@ fn write_loop(
             continue;
         }
         let now = now_unix();
+        // A CloudHumans marker must survive a power loss, not just a kill: the
+        // commits that carry markers are fsync'd (WAL + FULL), the others not.
+        let durable = ops.iter().any(|op| matches!(op, Op::InFlight { .. }));
         let result = (|| -> rusqlite::Result<Vec<tokio::sync::oneshot::Sender<bool>>> {
+            conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
             let tx = conn.transaction()?;
             let mut acks = Vec::new();
             {
@@ -483,11 +615,13 @@ mod tests {
         vec![
             Scope {
                 sink: "weni",
-                scope: String::new(),
+                scope: "https://weni".into(),
+                legacy: String::new(),
             },
             Scope {
                 sink: "cloudhumans",
-                scope: "welcome".into(),
+                scope: "https://ch 1 2 welcome".into(),
+                legacy: "welcome".into(),
             },
         ]
     }
@@ -521,12 +655,25 @@ mod tests {
             &path,
             &[Scope {
                 sink: "cloudhumans",
-                scope: "other".into(),
+                scope: "https://ch 1 2 other".into(),
+                legacy: "other".into(),
             }],
             true,
         )
         .unwrap();
         assert_eq!(other[0].delivered_count(), 0);
+    }
+
+    #[test]
+    fn a_second_lock_on_the_same_state_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let held = RunLock::acquire(&path).unwrap();
+        let err = RunLock::acquire(&path).unwrap_err().to_string();
+        assert!(err.contains("state.db"), "{err}");
+        assert!(err.contains(&std::process::id().to_string()), "{err}");
+        drop(held);
+        RunLock::acquire(&path).expect("released with its holder");
     }
 
     #[test]

@@ -125,6 +125,25 @@ pub struct SandboxLog {
     pub stats: BTreeMap<String, Stats>,
 }
 
+impl SandboxLog {
+    /// What was received, in one line for the run's summary.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "chatfuel {} request(s) for {} phone(s); weni {} contact(s), {} field(s), {} group(s); cloudhumans {} message(s)",
+            self.chatfuel.requests.len(),
+            self.chatfuel
+                .requests
+                .iter()
+                .map(|r| r.phones.len())
+                .sum::<usize>(),
+            self.weni.contacts.len(),
+            self.weni.fields.len(),
+            self.weni.groups.len(),
+            self.cloudhumans.messages.len()
+        )
+    }
+}
+
 /// Which fake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Platform {

@@ -877,7 +877,7 @@ fn create_field(shared: &Shared, body: &[u8]) -> Response<Body> {
     let key = field_key(label);
     let valid_key = key.len() <= 36
         && key.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-        && !crate::config::WENI_RESERVED_KEYS.contains(&key.as_str());
+        && !crate::sink::weni::RESERVED_KEYS.contains(&key.as_str());
     if !valid_key {
         return one_error(
             "label",

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use governor::{Quota, RateLimiter};
 
-use crate::config::{SinkCommon, SinkKind};
+use crate::config::SinkCommon;
+use crate::shutdown::Shutdown;
+use crate::sink::SinkKind;
 
 /// Pause after a 429 that has no `Retry-After`, doubled for each 429 in a row (max 60 s).
 const DEFAULT_429_PAUSE: Duration = Duration::from_secs(1);
@@ -23,6 +25,8 @@ const MAX_429_PAUSE: Duration = Duration::from_secs(60);
 const MAX_RATE_LIMITED: u32 = 50;
 /// Ceiling of one backoff sleep.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A `Retry-After` beyond this is treated as absent (SPEC "Retry-After").
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// One HTTP outcome, classified.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,10 +100,15 @@ impl UploadStats {
 }
 
 /// The default classification of an HTTP answer (sinks may special-case before calling it).
+/// Redirects are never followed: a 3xx is a refusal (the caller names the location).
 pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Verdict {
     match status {
         200..=299 => Verdict::Success,
+        300..=399 => Verdict::Reject(format!(
+            "HTTP {status}: the platform redirected the request; redirects are not followed"
+        )),
         429 => Verdict::RateLimited(retry_after),
+        503 if retry_after.is_some() => Verdict::RateLimited(retry_after),
         401 | 403 => Verdict::Fatal(format!("auth refused: {}", error_text(status, body))),
         400..=499 => Verdict::Reject(error_text(status, body)),
         _ => Verdict::Retry(error_text(status, body)),
@@ -146,15 +155,25 @@ pub fn error_text(status: u16, body: &[u8]) -> String {
     }
 }
 
-/// `Retry-After` in seconds (the only form these APIs use).
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|s| *s >= 0.0)
-        .map(Duration::from_secs_f64)
+/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3). A value
+/// that is missing, unparsable, negative or beyond an hour is `None` (the
+/// caller backs off exponentially instead): a hostile `inf` or `1e300` must
+/// neither panic nor pause a sink for days.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let pause = if value.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(value.parse::<u64>().ok()?)
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        // A date in the past means "now".
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    };
+    (pause <= MAX_RETRY_AFTER).then_some(pause)
 }
 
 /// A small xorshift for backoff jitter: quality does not matter, and it avoids a
@@ -192,6 +211,8 @@ pub struct Uploader {
     /// Sink-wide pause after a 429.
     paused_until: Mutex<Option<tokio::time::Instant>>,
     consecutive_429: AtomicU32,
+    /// The run's stop: pauses and backoffs end early, no request starts after it.
+    shutdown: Shutdown,
     stopped: AtomicBool,
     stop_reason: Mutex<Option<String>>,
     pub stats: UploadStats,
@@ -202,10 +223,15 @@ impl Uploader {
         kind: SinkKind,
         common: &SinkCommon,
         idempotent: bool,
+        shutdown: Shutdown,
     ) -> Result<Uploader, reqwest::Error> {
+        // No redirects: a 301/302 would turn a POST into a GET, and a redirect
+        // to another host would carry the token there (SPEC "Transport").
         let client = reqwest::Client::builder()
             .user_agent(concat!("crm-import/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(common.concurrency)
+            .connect_timeout(common.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         // GCRA: requests leave evenly spaced at the configured rate. A burst of 2
         // (never more than `concurrency`, as SPEC allows) lets a request that
@@ -227,6 +253,7 @@ impl Uploader {
             backoff: common.retry_backoff,
             paused_until: Mutex::new(None),
             consecutive_429: AtomicU32::new(0),
+            shutdown,
             stopped: AtomicBool::new(false),
             stop_reason: Mutex::new(None),
             stats: UploadStats::default(),
@@ -264,16 +291,41 @@ impl Uploader {
         }
     }
 
+    /// Waits out the sink-wide pause; a stop of the run cuts it short.
     async fn wait_while_paused(&self) {
         loop {
             let until = self.paused_until.lock().ok().and_then(|p| *p);
             match until {
                 Some(until) if until > tokio::time::Instant::now() => {
-                    tokio::time::sleep_until(until).await
+                    let pause = until - tokio::time::Instant::now();
+                    if !self.shutdown.sleep(pause).await {
+                        return;
+                    }
                 }
                 _ => return,
             }
         }
+    }
+
+    /// Why no further attempt may start, if none may: the sink stopped (auth)
+    /// or the run is stopping.
+    fn no_more_attempts(&self, attempts: u32, last: Option<&str>) -> Option<Ended> {
+        if let Some(reason) = self.stopped() {
+            return Some(if attempts == 0 {
+                Ended::Skipped(format!("{} stopped: {reason}", self.kind.name()))
+            } else {
+                Ended::Failed(format!(
+                    "{} stopped before a retry: {reason}",
+                    self.kind.name()
+                ))
+            });
+        }
+        let stop = self.shutdown.reason()?.detail();
+        Some(match (attempts, last) {
+            (0, _) => Ended::Skipped(stop),
+            (_, Some(last)) => Ended::Failed(format!("{last}; no retry: {stop}")),
+            (_, None) => Ended::Failed(format!("no retry: {stop}")),
+        })
     }
 
     /// Sends the request built by `make` until it succeeds, is refused, or
@@ -289,16 +341,17 @@ impl Uploader {
         let mut rate_limited = 0u32;
         let mut http_status = None;
         let mut body = Bytes::new();
+        let mut last_reason: Option<String> = None;
         loop {
-            if let Some(reason) = self.stopped() {
-                let ended = if attempts == 0 {
-                    Ended::Skipped(format!("{} stopped: {reason}", self.kind.name()))
-                } else {
-                    Ended::Failed(format!(
-                        "{} stopped before a retry: {reason}",
-                        self.kind.name()
-                    ))
-                };
+            self.wait_while_paused().await;
+            if !self.shutdown.is_stopping() {
+                tokio::select! {
+                    _ = self.limiter.until_ready() => {}
+                    _ = self.shutdown.stopped() => {}
+                }
+                self.wait_while_paused().await;
+            }
+            if let Some(ended) = self.no_more_attempts(attempts, last_reason.as_deref()) {
                 return Finished {
                     ended,
                     http_status,
@@ -306,9 +359,6 @@ impl Uploader {
                     body,
                 };
             }
-            self.wait_while_paused().await;
-            self.limiter.until_ready().await;
-            self.wait_while_paused().await;
             attempts += 1;
             self.stats.record_request();
             let verdict = match make(&self.client).timeout(self.timeout).send().await {
@@ -316,9 +366,20 @@ impl Uploader {
                     let status = response.status().as_u16();
                     http_status = Some(status);
                     let after = retry_after(response.headers());
+                    let location = redirect_location(&response);
                     // A failure while reading the body still leaves the status: an answer is an answer.
                     body = response.bytes().await.unwrap_or_default();
-                    special(status).unwrap_or_else(|| classify(status, after, &body))
+                    match (special(status), location) {
+                        (Some(verdict), _) => verdict,
+                        (None, Some(location)) => Verdict::Reject(format!(
+                            "HTTP {status}: redirected to {location}; redirects are not followed"
+                        )),
+                        (None, None) => classify(status, after, &body),
+                    }
+                }
+                // Built but never sent (e.g. a header that cannot be encoded): nothing left.
+                Err(e) if e.is_builder() => {
+                    Verdict::Reject(format!("cannot build the request: {}", root_cause(&e)))
                 }
                 // Connect errors happen before the request leaves: always safe to retry.
                 Err(e) if e.is_connect() => {
@@ -352,6 +413,8 @@ impl Uploader {
                 }
                 Verdict::RateLimited(after) => {
                     self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    last_reason =
+                        Some(format!("HTTP {}: rate limited", http_status.unwrap_or(429)));
                     rate_limited += 1;
                     if rate_limited > MAX_RATE_LIMITED {
                         Ended::Failed(format!(
@@ -368,10 +431,16 @@ impl Uploader {
                     } else {
                         retries += 1;
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                        // Exponential backoff with full jitter.
-                        let ceiling = (self.backoff * 2u32.saturating_pow(retries.min(16) - 1))
+                        // Exponential backoff with full jitter (saturating: a huge
+                        // `retry_backoff` must not overflow), cut short by a stop.
+                        let ceiling = self
+                            .backoff
+                            .saturating_mul(2u32.saturating_pow(retries.min(16) - 1))
                             .min(MAX_BACKOFF);
-                        tokio::time::sleep(ceiling.mul_f64(jitter_fraction())).await;
+                        self.shutdown
+                            .sleep(ceiling.mul_f64(jitter_fraction()))
+                            .await;
+                        last_reason = Some(reason);
                         continue;
                     }
                 }
@@ -384,6 +453,19 @@ impl Uploader {
             };
         }
     }
+}
+
+/// The `Location` of a redirect answer, without its query string (it may hold secrets).
+fn redirect_location(response: &reqwest::Response) -> Option<String> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("(no Location header)");
+    Some(location.split('?').next().unwrap_or("").to_owned())
 }
 
 /// The innermost error message (reqwest's own text is "error sending request").
@@ -418,6 +500,52 @@ mod tests {
             classify(502, None, b"bad gateway"),
             Verdict::Retry(_)
         ));
+    }
+
+    fn headers(value: &str) -> reqwest::header::HeaderMap {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, value.parse().unwrap());
+        h
+    }
+
+    /// Regression: `Retry-After: inf` or `1e300` panicked inside a sink worker
+    /// (`Duration::from_secs_f64`), and the batch's rows vanished from the report.
+    #[test]
+    fn hostile_retry_after_values_never_panic_and_mean_backoff() {
+        for hostile in [
+            "inf",
+            "1e300",
+            "-5",
+            "abc",
+            "NaN",
+            "3601",
+            "99999999999999999999",
+        ] {
+            assert_eq!(retry_after(&headers(hostile)), None, "{hostile}");
+        }
+        assert_eq!(retry_after(&headers("7")), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after(&headers("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO),
+            "a past date means now"
+        );
+        let soon = std::time::SystemTime::now() + Duration::from_secs(120);
+        let at = retry_after(&headers(&httpdate::fmt_http_date(soon))).unwrap();
+        assert!(
+            (Duration::from_secs(110)..=Duration::from_secs(121)).contains(&at),
+            "{at:?}"
+        );
+        assert_eq!(retry_after(&reqwest::header::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn redirects_are_refusals_and_503_with_retry_after_is_a_pause() {
+        assert!(matches!(classify(302, None, b""), Verdict::Reject(_)));
+        assert_eq!(
+            classify(503, Some(Duration::from_secs(2)), b""),
+            Verdict::RateLimited(Some(Duration::from_secs(2)))
+        );
+        assert!(matches!(classify(503, None, b""), Verdict::Retry(_)));
     }
 
     #[test]

@@ -1,49 +1,172 @@
-//! The platforms: turning records into requests, and delivering them.
+//! The platforms, behind one [`Sink`] trait the pipeline drives without
+//! knowing which platforms exist.
 //!
-//! Two halves, so that a dry run validates exactly what a real run sends:
-//! - **checking and building** (sync, on the pipeline's threads): per row and
-//!   sink, whether the platform's own rules accept it ([`check`]) and the
-//!   request payload ([`build`]);
-//! - **delivering** (async, on the tokio runtime): each sink's [`run`] pulls
-//!   [`SinkItem`]s from its bounded channel and sends them with
-//!   `concurrency` workers through the shared [`http::Uploader`], reporting one
-//!   [`SinkRow`] per record.
+//! Each platform is one folder (`chatfuel/`, `weni/`, `cloudhumans/`) holding
+//! its config section, its row check, its request building, its state scope,
+//! its request plan and its delivery, with their tests — Vector's
+//! `src/sinks/<name>/` layout. [`REGISTRY`] is the only place that lists them:
+//! adding a fourth platform is one folder here, one fake under `sandbox/`, and
+//! one registry line.
 //!
-//! Adding a platform = one file here (check, build, deliver) and one under `sandbox/`.
+//! A sink has two halves, so that a dry run validates exactly what a real run sends:
+//! - **checking and building** (sync, on the pipeline's threads): per row,
+//!   whether the platform's own rules accept it ([`Sink::check`]) and the
+//!   request payload ([`Sink::build`]);
+//! - **delivering** (async, on the tokio runtime): [`Sink::deliver`] drains the
+//!   sink's own [`lane::Lane`] at the sink's own pace through the shared
+//!   [`http::Uploader`], reporting one [`SinkRow`] per record.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use tokio::sync::{Mutex, mpsc};
-use tokio::task::JoinSet;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{SinkConfig, SinkKind};
+use crate::config::{ColumnUse, ConfigError, SinkCommon};
 use crate::phone::E164;
 use crate::record::Chunk;
 use crate::report::Status;
-use crate::state::StateWriter;
+use crate::sandbox::SandboxOptions;
+use crate::state::{Scope, SinkIndex};
 
 pub mod chatfuel;
 pub mod cloudhumans;
 pub mod http;
+pub mod lane;
 pub mod weni;
+
+/// A sink's delivery, run on the tokio runtime.
+pub type Delivery = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
+/// Reads a platform's `[sinks.<name>]` table into its sink.
+pub type ParseFn =
+    fn(toml::Value, SinkKind, &ParseContext<'_>) -> Result<Box<dyn Sink>, ConfigError>;
+
+/// One platform: its name (the `[sinks.<name>]` table and the report's `sink`
+/// column) and how to read its config table.
+pub struct Platform {
+    pub name: &'static str,
+    /// Parses and validates the platform's table; `kind` is its registry position.
+    pub parse: ParseFn,
+}
+
+/// Every platform, in report order. The only place that lists them.
+pub const REGISTRY: &[Platform] = &[chatfuel::PLATFORM, weni::PLATFORM, cloudhumans::PLATFORM];
+
+/// What a sink's config parser needs from the config file.
+pub struct ParseContext<'a> {
+    pub path: &'a std::path::Path,
+}
+
+impl ParseContext<'_> {
+    /// A config error naming `key`.
+    pub fn invalid(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.to_owned(),
+            message,
+        }
+    }
+}
+
+/// A sink's position in [`REGISTRY`]: cheap to copy, ordered like the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SinkKind(pub u8);
+
+impl SinkKind {
+    /// The name used in the report's `sink` column and in config tables.
+    pub fn name(self) -> &'static str {
+        REGISTRY.get(self.0 as usize).map(|p| p.name).unwrap_or("?")
+    }
+
+    /// The kind registered under `name`.
+    pub fn by_name(name: &str) -> Option<SinkKind> {
+        REGISTRY
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| SinkKind(i as u8))
+    }
+}
 
 /// What a sink would do with a row, decided before any request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Check {
-    /// The request can be built. `group` is Chatfuel's property-set hash (0 elsewhere):
-    /// rows with equal groups share batches. `hash` identifies the payload, for the
-    /// incremental state.
+    /// The request can be built. `group` says which rows may share a request
+    /// (Chatfuel's property-set hash; 0 elsewhere). `hash` identifies the
+    /// payload, for the incremental state.
     Ready { group: u64, hash: u64 },
-    /// Delivered before with the same payload (or, for CloudHumans, the same
-    /// template): `unchanged`, not sent.
+    /// Delivered before with the same payload: `unchanged`, not sent.
     Unchanged,
-    /// A CloudHumans message an interrupted run may have sent: `unknown`, not resent.
+    /// A message an interrupted run may have sent: `unknown`, not resent.
     Unknown(Box<str>),
     /// The platform would refuse it by its own rules (e.g. Weni's 8–15 digits): `rejected`.
     Rejected(Box<str>),
-    /// Not attempted (e.g. past `max_messages`): `skipped`.
+    /// Not attempted (a cap, `--limit`, the time limit): `skipped`.
     Skipped(Box<str>),
+}
+
+/// The flags that override the incremental state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rerun {
+    /// `--full`: idempotent sinks send everything again.
+    pub full: bool,
+    /// `--resend-messages`: non-idempotent sinks send again what they sent before.
+    pub resend_messages: bool,
+    /// `--resend-unknown`: non-idempotent sinks send what an interrupted run may have sent.
+    pub resend_unknown: bool,
+}
+
+/// What a sink plans to do with the rows it will send (the dry run's plan, the ETA).
+#[derive(Clone, Debug, Default)]
+pub struct PlanCounts {
+    /// HTTP requests for the rows.
+    pub requests: u64,
+    /// Requests beyond the rows' own (Weni: list and create fields and groups).
+    pub prepare_requests: u64,
+    /// A short note for the plan line (e.g. "in 3 property set(s)").
+    pub note: String,
+}
+
+/// A platform, as the pipeline drives it.
+pub trait Sink: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> SinkKind;
+    fn common(&self) -> &SinkCommon;
+    /// `--sandbox` points the sink at the in-process fakes.
+    fn common_mut(&mut self) -> &mut SinkCommon;
+    /// Every input column the sink reads, with the config key that reads it.
+    fn column_uses(&self) -> Vec<ColumnUse>;
+    /// Binds the sink's columns and templates to projected-cell indices.
+    fn bind(&mut self, index_of: &dyn Fn(&str) -> usize);
+    /// Checks a row (with its normalized phone) against the platform's rules.
+    /// `hash`: compute the payload hash (without it, `hash` is 0).
+    fn check(&self, row: RowView<'_>, phone: E164, hash: bool) -> Check;
+    /// Builds the row's payload (after `check` said `Ready`).
+    fn build(&self, row: RowView<'_>, phone: E164, group: u64) -> Payload;
+    /// What the state keys this sink's deliveries by (SPEC "What the state belongs to").
+    fn state_scope(&self) -> Scope;
+    /// `Some(check)` when the state decides a ready row; `None` to send it.
+    /// The default fits idempotent sinks: unchanged payloads are skipped unless `--full`.
+    fn decide(&self, known: &SinkIndex, rerun: Rerun, phone: E164, hash: u64) -> Option<Check> {
+        (!rerun.full && known.delivered(phone) == Some(hash)).then_some(Check::Unchanged)
+    }
+    /// A per-run cap on rows sent, with the config key that sets it.
+    fn max_rows(&self) -> Option<(u64, &'static str)> {
+        None
+    }
+    /// The plan for `rows` rows, given how many fall in each `group`.
+    fn plan(&self, rows: u64, groups: &HashMap<u64, u64>) -> PlanCounts;
+    /// Requests needed for `rows` rows (for the ETA of a backlog).
+    fn requests_for(&self, rows: u64) -> u64 {
+        rows
+    }
+    /// May a request that might have been applied be sent again?
+    fn idempotent(&self) -> bool {
+        true
+    }
+    /// Tells the in-process fake what this config will send (ids it must accept).
+    fn configure_sandbox(&self, _options: &mut SandboxOptions) {}
+    /// Delivers everything its lane holds, then returns.
+    fn deliver(self: Arc<Self>, lane: Arc<lane::Lane>) -> Delivery;
 }
 
 /// A row of a chunk, for building requests.
@@ -60,20 +183,8 @@ impl<'a> RowView<'a> {
     }
 }
 
-/// Checks `row` (with its normalized `phone`) against `sink`'s request rules.
-///
-/// `hash`: compute the payload hash (a real run records it; a dry run needs it
-/// only when the state has something to compare it with). Without it, `hash` is 0.
-pub fn check(sink: &SinkConfig, row: RowView<'_>, phone: E164, hash: bool) -> Check {
-    match sink {
-        SinkConfig::Chatfuel(c) => chatfuel::check(c, row),
-        SinkConfig::Weni(c) => weni::check(c, row, phone, hash),
-        SinkConfig::CloudHumans(c) => cloudhumans::check(c, row, phone, hash),
-    }
-}
-
 /// What the report needs to know about a record a sink carries.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ItemMeta {
     pub source: Arc<str>,
     pub row: u64,
@@ -85,34 +196,22 @@ pub struct ItemMeta {
 }
 
 /// The per-record part of a request.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Payload {
-    /// Chatfuel: the batch group and this row's property set (static + per-row).
-    Chatfuel {
+    /// Records sharing `group` may share a request; `properties` are what they share.
+    Grouped {
         group: u64,
         properties: Vec<(String, String)>,
     },
-    /// Weni and CloudHumans: the JSON body (Weni delete: `Null`).
+    /// One JSON body per record (`Null` when the request has none).
     Json(serde_json::Value),
 }
 
 /// A record handed to a sink.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SinkItem {
     pub meta: ItemMeta,
     pub payload: Payload,
-}
-
-/// Builds `row`'s payload for `sink` (after [`check`] said `Ready`).
-pub fn build(sink: &SinkConfig, row: RowView<'_>, phone: E164, group: u64) -> Payload {
-    match sink {
-        SinkConfig::Chatfuel(c) => Payload::Chatfuel {
-            group,
-            properties: chatfuel::properties(c, row),
-        },
-        SinkConfig::Weni(c) => Payload::Json(weni::body(c, row)),
-        SinkConfig::CloudHumans(c) => Payload::Json(cloudhumans::body(c, row, phone)),
-    }
 }
 
 /// One per-sink report row produced by delivery.
@@ -137,160 +236,91 @@ pub struct SinkProgress {
     pub problems: AtomicU64,
 }
 
-/// Where a sink sends its report rows.
-pub type Outcomes = Arc<dyn Fn(Vec<SinkRow>) + Send + Sync>;
-
-/// Everything a running sink holds.
-pub struct SinkRuntime {
-    pub config: SinkConfig,
-    pub token: String,
-    pub uploader: http::Uploader,
-    pub progress: Arc<SinkProgress>,
-    outcomes: Outcomes,
-    /// Where deliveries are recorded, and this sink's scope index in it.
-    state: Option<(StateWriter, usize)>,
-    /// Set by Ctrl-C: requests not started yet end `skipped`.
-    interrupted: Arc<std::sync::atomic::AtomicBool>,
+/// The keys every sink table takes, as read. serde cannot combine `flatten`
+/// with `deny_unknown_fields`, so each sink's raw table repeats them through
+/// [`raw_sink_table!`] and hands them over with `common()`.
+#[derive(Debug, Default)]
+pub struct RawCommon {
+    pub enabled: Option<bool>,
+    pub base_url: Option<String>,
+    pub token_env: Option<String>,
+    pub rate: Option<String>,
+    pub concurrency: Option<i64>,
+    pub timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub max_retries: Option<i64>,
+    pub retry_backoff: Option<String>,
 }
 
-impl SinkRuntime {
-    pub fn new(
-        config: SinkConfig,
-        token: String,
-        progress: Arc<SinkProgress>,
-        outcomes: Outcomes,
-        state: Option<(StateWriter, usize)>,
-        interrupted: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<SinkRuntime, reqwest::Error> {
-        // CloudHumans sends a WhatsApp message per call: never resent when it may have landed.
-        let idempotent = !matches!(config, SinkConfig::CloudHumans(_));
-        let uploader = http::Uploader::new(config.kind(), config.common(), idempotent)?;
-        Ok(SinkRuntime {
-            config,
-            token,
-            uploader,
-            progress,
-            outcomes,
-            state,
-            interrupted,
+/// Declares a sink's raw config table: the common keys plus its own.
+#[macro_export]
+macro_rules! raw_sink_table {
+    ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        struct $name {
+            enabled: Option<bool>,
+            base_url: Option<String>,
+            token_env: Option<String>,
+            rate: Option<String>,
+            concurrency: Option<i64>,
+            timeout: Option<String>,
+            connect_timeout: Option<String>,
+            max_retries: Option<i64>,
+            retry_backoff: Option<String>,
+            $($field: $ty),*
+        }
+        impl $name {
+            fn common(&mut self) -> $crate::sink::RawCommon {
+                $crate::sink::RawCommon {
+                    enabled: self.enabled.take(),
+                    base_url: self.base_url.take(),
+                    token_env: self.token_env.take(),
+                    rate: self.rate.take(),
+                    concurrency: self.concurrency.take(),
+                    timeout: self.timeout.take(),
+                    connect_timeout: self.connect_timeout.take(),
+                    max_retries: self.max_retries.take(),
+                    retry_backoff: self.retry_backoff.take(),
+                }
+            }
+        }
+    };
+}
+
+/// Deserializes a sink's raw table, naming the table in the error.
+pub fn raw_table<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    kind: SinkKind,
+    ctx: &ParseContext<'_>,
+) -> Result<T, ConfigError> {
+    value
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: ctx.path.to_owned(),
+            message: format!(
+                "[sinks.{}]: {}",
+                kind.name(),
+                e.to_string().trim().replace('\n', " ")
+            ),
         })
-    }
-
-    /// Ctrl-C was pressed: take no new request.
-    pub fn interrupted(&self) -> bool {
-        self.interrupted.load(Ordering::Relaxed)
-    }
-
-    /// Reports `metas` as not attempted because of Ctrl-C.
-    pub fn report_interrupted(&self, metas: Vec<ItemMeta>) {
-        self.report(
-            metas,
-            Status::Skipped,
-            None,
-            "interrupted (Ctrl-C) before sending; the next run sends it",
-        );
-    }
-
-    /// CloudHumans: commits the in-flight marker before the request leaves.
-    /// `false`: the state cannot be written, so the message must not be sent.
-    pub async fn mark_in_flight(&self, meta: &ItemMeta) -> bool {
-        match &self.state {
-            Some((writer, scope)) => writer.mark_in_flight(*scope, meta.phone, meta.hash).await,
-            None => true,
-        }
-    }
-
-    pub fn kind(&self) -> SinkKind {
-        self.config.kind()
-    }
-
-    /// Reports the same outcome for every record of a request.
-    pub fn report(
-        &self,
-        metas: Vec<ItemMeta>,
-        status: Status,
-        finished: Option<&http::Finished>,
-        detail: &str,
-    ) {
-        let n = metas.len() as u64;
-        let rows = metas
-            .into_iter()
-            .map(|meta| SinkRow {
-                meta,
-                sink: self.kind(),
-                status,
-                http_status: finished.and_then(|f| f.http_status),
-                attempts: finished.map(|f| f.attempts).unwrap_or(0),
-                detail: detail.to_owned(),
-            })
-            .collect();
-        self.progress.done.fetch_add(n, Ordering::Relaxed);
-        if status.is_problem() {
-            self.progress.problems.fetch_add(n, Ordering::Relaxed);
-        }
-        (self.outcomes)(rows);
-    }
-
-    /// Reports a finished request: `success` is the status of a success. Records
-    /// deliveries in the state; clears the in-flight markers of requests the
-    /// platform answered (an `unknown` keeps its marker: the message may have gone).
-    pub fn report_finished(
-        &self,
-        metas: Vec<ItemMeta>,
-        finished: &http::Finished,
-        success: Status,
-    ) {
-        use http::Ended;
-        if let Some((writer, scope)) = &self.state {
-            for meta in &metas {
-                match &finished.ended {
-                    Ended::Success => writer.delivered(*scope, meta.phone, meta.hash),
-                    Ended::Unknown(_) => {}
-                    _ => writer.clear_in_flight(*scope, meta.phone),
-                }
-            }
-        }
-        let (status, detail) = match &finished.ended {
-            Ended::Success => (success, String::new()),
-            Ended::Rejected(r) | Ended::AuthRefused(r) => (Status::Rejected, r.clone()),
-            Ended::Failed(r) => (Status::Failed, r.clone()),
-            Ended::Unknown(r) => (Status::Unknown, r.clone()),
-            Ended::Skipped(r) => (Status::Skipped, r.clone()),
-        };
-        self.report(metas, status, Some(finished), &detail);
-    }
 }
 
-/// Delivers everything that arrives on `rx`, then returns.
-pub async fn run(sink: Arc<SinkRuntime>, rx: mpsc::Receiver<SinkItem>) {
-    match sink.config {
-        SinkConfig::Chatfuel(_) => chatfuel::run(sink, rx).await,
-        SinkConfig::Weni(_) => weni::run(sink, rx).await,
-        SinkConfig::CloudHumans(_) => cloudhumans::run(sink, rx).await,
+/// The report's view of a chunk row bound for a sink.
+pub fn item_meta(
+    chunk: &Chunk,
+    i: usize,
+    record_id: &str,
+    phone_raw: &str,
+    phone: E164,
+    hash: u64,
+) -> ItemMeta {
+    ItemMeta {
+        source: chunk.source_name.clone(),
+        row: chunk.rows[i].row,
+        record_id: record_id.into(),
+        phone_raw: phone_raw.into(),
+        phone,
+        hash,
     }
-}
-
-/// Runs `concurrency` workers, each taking the next item from `rx` and handing it to `handle`.
-pub async fn worker_pool<T, F, Fut>(concurrency: usize, rx: mpsc::Receiver<T>, handle: F)
-where
-    T: Send + 'static,
-    F: Fn(T) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let rx = Arc::new(Mutex::new(rx));
-    let mut workers = JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let rx = rx.clone();
-        let handle = handle.clone();
-        workers.spawn(async move {
-            loop {
-                let next = rx.lock().await.recv().await;
-                match next {
-                    Some(item) => handle(item).await,
-                    None => break,
-                }
-            }
-        });
-    }
-    while workers.join_next().await.is_some() {}
 }

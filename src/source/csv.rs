@@ -10,6 +10,8 @@
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use encoding_rs::WINDOWS_1252;
 
@@ -23,6 +25,8 @@ const CANDIDATES: [u8; 4] = [b',', b';', b'\t', b'|'];
 
 pub struct CsvReader {
     name: String,
+    /// Bytes taken from the file (compressed bytes for gzip), for progress.
+    consumed: Arc<AtomicU64>,
     reader: csv::Reader<Box<dyn Read + Send>>,
     header: Vec<String>,
     header_len: usize,
@@ -92,6 +96,11 @@ impl CsvReader {
             None => Box::new(std::io::stdin()),
             Some(path) => Box::new(File::open(path).map_err(open_err)?),
         };
+        let consumed = Arc::new(AtomicU64::new(0));
+        let raw: Box<dyn Read + Send> = Box::new(CountingRead {
+            inner: raw,
+            count: consumed.clone(),
+        });
         let mut raw: Box<dyn Read + Send> = if gzip {
             Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
                 256 * 1024,
@@ -143,6 +152,7 @@ impl CsvReader {
             .collect();
         Ok(CsvReader {
             name,
+            consumed,
             reader,
             header_len: header.len(),
             header,
@@ -173,9 +183,27 @@ impl CsvReader {
     }
 }
 
+/// Counts the bytes read through it (the reading bar's position).
+struct CountingRead {
+    inner: Box<dyn Read + Send>,
+    count: Arc<AtomicU64>,
+}
+
+impl Read for CountingRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
 impl Reader for CsvReader {
     fn header(&self) -> &[String] {
         &self.header
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.consumed.load(Ordering::Relaxed)
     }
 
     fn project(&mut self, columns: Vec<usize>) {

@@ -157,8 +157,23 @@ pub trait Reader: Send {
     fn header(&self) -> &[String];
     /// Sets which header columns to keep, in the order cells are pushed.
     fn project(&mut self, columns: Vec<usize>);
+    /// Bytes of the input consumed so far (for the reading bar).
+    fn bytes_read(&self) -> u64;
     /// Appends up to `max_rows` rows to `chunk`; returns `false` when the source is exhausted.
     fn fill(&mut self, chunk: &mut Chunk, max_rows: usize) -> Result<bool, SourceError>;
+}
+
+/// The inputs' total size in bytes, when every one is a file.
+pub fn total_bytes(files: &[InputFile]) -> Option<u64> {
+    files
+        .iter()
+        .map(|f| {
+            f.path
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+        })
+        .sum()
 }
 
 /// Opens a reader for `file` and reads its header.

@@ -33,6 +33,9 @@ pub struct ParquetReader {
     batch_rows: usize,
     next_in_batch: usize,
     row: u64,
+    /// File size and row count, to turn rows read into bytes for progress.
+    file_bytes: u64,
+    total_rows: u64,
 }
 
 impl ParquetReader {
@@ -46,7 +49,8 @@ impl ParquetReader {
             source_name: name.clone(),
             error,
         })?;
-        if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+        let file_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if file_bytes == 0 {
             return Err(SourceError::NoHeader { source_name: name });
         }
         let builder =
@@ -60,9 +64,12 @@ impl ParquetReader {
             .iter()
             .map(|f| f.name().clone())
             .collect();
+        let total_rows = builder.metadata().file_metadata().num_rows().max(0) as u64;
         Ok(ParquetReader {
             name,
             header,
+            file_bytes,
+            total_rows,
             builder: Some(builder),
             reader: None,
             projection: Vec::new(),
@@ -163,6 +170,14 @@ fn text_at(array: &dyn Array, i: usize) -> &str {
 impl Reader for ParquetReader {
     fn header(&self) -> &[String] {
         &self.header
+    }
+
+    /// Column chunks are read per row group, so this is the share of rows read times the size.
+    fn bytes_read(&self) -> u64 {
+        if self.total_rows == 0 {
+            return 0;
+        }
+        (self.file_bytes as u128 * self.row as u128 / self.total_rows as u128) as u64
     }
 
     fn project(&mut self, columns: Vec<usize>) {

@@ -10,18 +10,129 @@
 //! Weni replaces a contact's static groups with the list sent on every upsert
 //! (API.md §1.3): contacts end up in exactly the configured `groups`.
 
-use std::collections::HashSet;
+mod config;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::OnceCell;
+
+pub use config::{RESERVED_KEYS, UrnScheme, WeniConfig, WeniMode};
 
 use super::http::{Ended, Verdict};
-use super::{Check, Payload, RowView, SinkItem, SinkRuntime};
-use crate::config::{SinkConfig, UrnScheme, WeniConfig, WeniMode};
+use super::lane::{Lane, worker_pool};
+use super::{
+    Check, Delivery, ParseContext, Payload, PlanCounts, Platform, RowView, Sink, SinkItem, SinkKind,
+};
+use crate::config::{ColumnUse, ConfigError, SinkCommon};
 use crate::phone::{E164, weni_digit_count_ok};
 use crate::report::Status;
-use crate::state::PayloadHasher;
+use crate::state::{PayloadHasher, Scope};
+
+/// The registry entry.
+pub const PLATFORM: Platform = Platform {
+    name: "weni",
+    parse,
+};
+
+fn parse(
+    value: toml::Value,
+    kind: SinkKind,
+    ctx: &ParseContext<'_>,
+) -> Result<Box<dyn Sink>, ConfigError> {
+    Ok(Box::new(Weni {
+        kind,
+        config: config::parse(value, kind, ctx)?,
+    }))
+}
+
+/// The Weni sink.
+#[derive(Debug)]
+pub struct Weni {
+    kind: SinkKind,
+    pub config: WeniConfig,
+}
+
+impl Sink for Weni {
+    fn kind(&self) -> SinkKind {
+        self.kind
+    }
+
+    fn common(&self) -> &SinkCommon {
+        &self.config.common
+    }
+
+    fn common_mut(&mut self) -> &mut SinkCommon {
+        &mut self.config.common
+    }
+
+    fn column_uses(&self) -> Vec<ColumnUse> {
+        let c = &self.config;
+        let mut uses = Vec::new();
+        if let Some(t) = &c.name {
+            uses.extend(ColumnUse::of_template("sinks.weni.name", t));
+        }
+        if let Some(t) = &c.language {
+            uses.extend(ColumnUse::of_template("sinks.weni.language", t));
+        }
+        for (k, t) in &c.fields {
+            uses.extend(ColumnUse::of_template(&format!("sinks.weni.fields.{k}"), t));
+        }
+        uses
+    }
+
+    fn bind(&mut self, index_of: &dyn Fn(&str) -> usize) {
+        let c = &mut self.config;
+        for t in c
+            .name
+            .iter_mut()
+            .chain(c.language.iter_mut())
+            .chain(c.fields.values_mut())
+        {
+            t.bind(index_of);
+        }
+    }
+
+    fn check(&self, row: RowView<'_>, phone: E164, hash: bool) -> Check {
+        check(&self.config, row, phone, hash)
+    }
+
+    fn build(&self, row: RowView<'_>, _phone: E164, _group: u64) -> Payload {
+        Payload::Json(body(&self.config, row))
+    }
+
+    /// One Weni org per `base_url` (a token belongs to one org).
+    fn state_scope(&self) -> Scope {
+        Scope {
+            sink: "weni",
+            scope: self.config.common.base_url.clone(),
+            legacy: String::new(),
+        }
+    }
+
+    fn plan(&self, rows: u64, _groups: &HashMap<u64, u64>) -> PlanCounts {
+        let c = &self.config;
+        let prepare = if rows == 0 || c.mode == WeniMode::Delete {
+            0
+        } else {
+            2 + c.fields.len() as u64 + c.groups.len() as u64
+        };
+        PlanCounts {
+            requests: rows,
+            prepare_requests: prepare,
+            note: if prepare > 0 {
+                format!(" + up to {prepare} to prepare fields and groups")
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    fn deliver(self: Arc<Self>, lane: Arc<Lane>) -> Delivery {
+        Box::pin(run(self, lane))
+    }
+}
 
 /// The URN of a number in the configured scheme (API.md §1.3.1).
 pub fn urn(scheme: UrnScheme, phone: E164) -> String {
@@ -33,7 +144,7 @@ pub fn urn(scheme: UrnScheme, phone: E164) -> String {
 
 /// Weni's own rules that libphonenumber does not know: 8–15 digits, name ≤ 100
 /// characters, a 3-letter language code.
-pub fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) -> Check {
+fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) -> Check {
     if !weni_digit_count_ok(phone) {
         return Check::Rejected(
             format!(
@@ -146,37 +257,38 @@ struct PrepareFailed {
 }
 
 /// Sends every contact, after preparing fields and groups once.
-pub async fn run(sink: Arc<SinkRuntime>, rx: mpsc::Receiver<SinkItem>) {
-    let SinkConfig::Weni(config) = &sink.config else {
-        return;
-    };
+async fn run(sink: Arc<Weni>, lane: Arc<Lane>) {
     let prepared: Arc<OnceCell<Result<(), PrepareFailed>>> = Arc::new(OnceCell::new());
-    let needs_prepare = config.mode == WeniMode::Upsert;
-    let concurrency = config.common.concurrency;
-    super::worker_pool(concurrency, rx, move |item: SinkItem| {
-        let sink = sink.clone();
-        let prepared = prepared.clone();
+    let needs_prepare = sink.config.mode == WeniMode::Upsert;
+    let concurrency = sink.config.common.concurrency;
+    let rx = lane.receiver(concurrency * 2);
+    worker_pool(concurrency, rx, move |item: SinkItem| {
+        let (sink, lane, prepared) = (sink.clone(), lane.clone(), prepared.clone());
         async move {
+            if lane.shutdown.is_stopping() {
+                lane.report_not_sent(vec![item.meta]);
+                return;
+            }
             if needs_prepare {
-                let ready = prepared.get_or_init(|| prepare(&sink)).await;
+                let ready = prepared.get_or_init(|| prepare(&sink, &lane)).await;
                 if let Err(failed) = ready {
-                    sink.report(vec![item.meta], Status::Skipped, None, &failed.reason);
+                    lane.report(vec![item.meta], Status::Skipped, None, &failed.reason);
                     return;
                 }
             }
-            send(&sink, item).await;
+            send(&sink, &lane, item).await;
         }
     })
     .await;
 }
 
-fn auth(sink: &SinkRuntime) -> String {
-    format!("Token {}", sink.token)
+fn auth(lane: &Lane) -> String {
+    format!("Token {}", lane.token)
 }
 
 /// GETs every page of `endpoint` and returns the values of `key` in its results.
 async fn list_all(
-    sink: &SinkRuntime,
+    lane: &Lane,
     base: &str,
     endpoint: &str,
     key: &str,
@@ -184,10 +296,10 @@ async fn list_all(
     let mut url = format!("{base}/api/v2/{endpoint}");
     let mut values = Vec::new();
     loop {
-        let finished = sink
+        let finished = lane
             .uploader
             .execute(
-                |client| client.get(&url).header("authorization", auth(sink)),
+                |client| client.get(&url).header("authorization", auth(lane)),
                 |_| None,
             )
             .await;
@@ -228,19 +340,14 @@ fn describe(ended: &Ended) -> String {
 }
 
 /// Creates one field or group; "must be unique" means it exists already (a replay or a race).
-async fn create(
-    sink: &SinkRuntime,
-    url: &str,
-    body: Value,
-    what: &str,
-) -> Result<(), PrepareFailed> {
-    let finished = sink
+async fn create(lane: &Lane, url: &str, body: Value, what: &str) -> Result<(), PrepareFailed> {
+    let finished = lane
         .uploader
         .execute(
             |client| {
                 client
                     .post(url)
-                    .header("authorization", auth(sink))
+                    .header("authorization", auth(lane))
                     .json(&body)
             },
             |_| None,
@@ -260,13 +367,11 @@ async fn create(
 }
 
 /// Lists fields and groups and creates the missing ones (API.md §1.4–1.5).
-async fn prepare(sink: &SinkRuntime) -> Result<(), PrepareFailed> {
-    let SinkConfig::Weni(config) = &sink.config else {
-        return Ok(());
-    };
+async fn prepare(sink: &Weni, lane: &Lane) -> Result<(), PrepareFailed> {
+    let config = &sink.config;
     let base = &config.common.base_url;
     if !config.fields.is_empty() {
-        let existing: HashSet<String> = list_all(sink, base, "fields.json", "key")
+        let existing: HashSet<String> = list_all(lane, base, "fields.json", "key")
             .await?
             .into_iter()
             .collect();
@@ -278,7 +383,7 @@ async fn prepare(sink: &SinkRuntime) -> Result<(), PrepareFailed> {
                 .unwrap_or("text");
             let body = json!({"label": key, "value_type": value_type});
             create(
-                sink,
+                lane,
                 &format!("{base}/api/v2/fields.json"),
                 body,
                 &format!("field \"{key}\""),
@@ -287,7 +392,7 @@ async fn prepare(sink: &SinkRuntime) -> Result<(), PrepareFailed> {
         }
     }
     if !config.groups.is_empty() {
-        let existing: HashSet<String> = list_all(sink, base, "groups.json", "name")
+        let existing: HashSet<String> = list_all(lane, base, "groups.json", "name")
             .await?
             .into_iter()
             .map(|n| n.to_lowercase())
@@ -299,7 +404,7 @@ async fn prepare(sink: &SinkRuntime) -> Result<(), PrepareFailed> {
         {
             let body = json!({"name": group});
             create(
-                sink,
+                lane,
                 &format!("{base}/api/v2/groups.json"),
                 body,
                 &format!("group \"{group}\""),
@@ -310,14 +415,8 @@ async fn prepare(sink: &SinkRuntime) -> Result<(), PrepareFailed> {
     Ok(())
 }
 
-async fn send(sink: &SinkRuntime, item: SinkItem) {
-    let SinkConfig::Weni(config) = &sink.config else {
-        return;
-    };
-    if sink.interrupted() {
-        sink.report_interrupted(vec![item.meta]);
-        return;
-    }
+async fn send(sink: &Weni, lane: &Lane, item: SinkItem) {
+    let config = &sink.config;
     let url = format!("{}/api/v2/contacts.json", config.common.base_url);
     let urn = urn(config.urn_scheme, item.meta.phone);
     let query = [("urn", urn.as_str())];
@@ -326,13 +425,13 @@ async fn send(sink: &SinkRuntime, item: SinkItem) {
     };
     let finished = match config.mode {
         WeniMode::Upsert => {
-            sink.uploader
+            lane.uploader
                 .execute(
                     |client| {
                         client
                             .post(&url)
                             .query(&query)
-                            .header("authorization", auth(sink))
+                            .header("authorization", auth(lane))
                             .json(body)
                     },
                     |_| None,
@@ -340,13 +439,13 @@ async fn send(sink: &SinkRuntime, item: SinkItem) {
                 .await
         }
         WeniMode::Delete => {
-            sink.uploader
+            lane.uploader
                 .execute(
                     |client| {
                         client
                             .delete(&url)
                             .query(&query)
-                            .header("authorization", auth(sink))
+                            .header("authorization", auth(lane))
                     },
                     // A missing contact is an answer, not an error: `not_found`.
                     |status| (status == 404).then_some(Verdict::Success),
@@ -360,5 +459,5 @@ async fn send(sink: &SinkRuntime, item: SinkItem) {
         (WeniMode::Delete, Some(404)) => Status::NotFound,
         (WeniMode::Delete, _) => Status::Deleted,
     };
-    sink.report_finished(vec![item.meta], &finished, success);
+    lane.report_finished(vec![item.meta], &finished, success);
 }
