@@ -173,10 +173,10 @@ pub struct RunArgs {
     pub report: Option<PathBuf>,
     /// The run's time box ("30s", "90m", "6h"): no request starts after it;
     /// rows not sent end `skipped` ("time limit reached"), exit 2; the next run continues.
-    #[arg(long, value_name = "DUR", value_parser = positive_duration)]
+    #[arg(long, value_name = "DUR", value_parser = positive_duration, allow_hyphen_values = true)]
     pub max_duration: Option<Duration>,
     /// A canary: each sink sends at most N rows (the first it would send); the rest end `skipped` ("limit").
-    #[arg(long, value_name = "N", value_parser = positive_count)]
+    #[arg(long, value_name = "N", value_parser = positive_count, allow_hyphen_values = true)]
     pub limit: Option<u64>,
     /// Also write the end-of-run summary as one JSON object here (for cron, Airflow).
     #[arg(long, value_name = "PATH")]

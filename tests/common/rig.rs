@@ -96,6 +96,20 @@ impl Rig {
             .unwrap()
     }
 
+    /// Starts a run with extra flags, its stderr piped (read it with `wait_with_output`).
+    pub fn spawn_args(&self, config: &str, extra: &[&str], report: &str) -> Child {
+        self.command(config, [TOKEN; 3], extra, report)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The same command line as a run, to adjust before running it.
+    pub fn command_for(&self, config: &str, extra: &[&str], report: &str) -> Command {
+        self.command(config, [TOKEN; 3], extra, report)
+    }
+
     /// The sandbox's log now.
     pub fn log(&self) -> SandboxLog {
         self.sandbox.as_ref().unwrap().log()
