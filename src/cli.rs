@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Rate, parse_duration};
 use crate::pipeline::RunOptions;
-use crate::sandbox::{Faults, SANDBOX_TOKEN, SandboxOptions};
+use crate::sandbox::{Faults, PlatformOptions, SANDBOX_TOKEN, SandboxOptions};
 use crate::sink::Rerun;
 
 /// Push CRM contacts (CSV/Parquet exports) into Chatfuel, Weni and CloudHumans.
@@ -93,7 +93,7 @@ pub struct SandboxArgs {
     pub slow_rate: f64,
     #[arg(long, value_parser = duration, default_value = "60s")]
     pub slow_delay: Duration,
-    /// Platforms the faults apply to (comma-separated); default all.
+    /// Platforms the faults, hostile Retry-After and redirects apply to (comma-separated); default all.
     #[arg(
         long,
         value_delimiter = ',',
@@ -106,6 +106,15 @@ pub struct SandboxArgs {
     /// Weni's verify_ninth_digit org switch.
     #[arg(long)]
     pub weni_verify_ninth_digit: bool,
+    /// Hostile throttling: answer the first --retry-after-count requests 429
+    /// with this raw Retry-After value (e.g. "inf", "-5", an HTTP date).
+    #[arg(long, value_name = "VALUE", allow_hyphen_values = true)]
+    pub retry_after: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_count: u64,
+    /// Answer every request 307 Temporary Redirect to this URL.
+    #[arg(long, value_name = "URL")]
+    pub redirect_to: Option<String>,
     /// Seed of the fault dice.
     #[arg(long, default_value_t = 0x5EED)]
     pub seed: u64,
@@ -122,10 +131,20 @@ impl SandboxArgs {
             slow_delay: self.slow_delay,
         };
         let faults_for = |name: &str| {
-            if self.faults_on.iter().any(|p| p.trim() == name) {
-                faults.clone()
-            } else {
-                Faults::default()
+            let on = self.faults_on.iter().any(|p| p.trim() == name);
+            PlatformOptions {
+                rate: None,
+                faults: if on {
+                    faults.clone()
+                } else {
+                    Faults::default()
+                },
+                retry_after: self
+                    .retry_after
+                    .clone()
+                    .filter(|_| on)
+                    .map(|v| (v, self.retry_after_count)),
+                redirect_to: self.redirect_to.clone().filter(|_| on),
             }
         };
         let mut options = SandboxOptions {
@@ -135,12 +154,18 @@ impl SandboxArgs {
             seed: self.seed,
             ..SandboxOptions::default()
         };
-        options.chatfuel.rate = self.chatfuel_rate;
-        options.chatfuel.faults = faults_for("chatfuel");
-        options.weni.rate = self.weni_rate;
-        options.weni.faults = faults_for("weni");
-        options.cloudhumans.rate = self.cloudhumans_rate;
-        options.cloudhumans.faults = faults_for("cloudhumans");
+        options.chatfuel = PlatformOptions {
+            rate: self.chatfuel_rate,
+            ..faults_for("chatfuel")
+        };
+        options.weni = PlatformOptions {
+            rate: self.weni_rate,
+            ..faults_for("weni")
+        };
+        options.cloudhumans = PlatformOptions {
+            rate: self.cloudhumans_rate,
+            ..faults_for("cloudhumans")
+        };
         options
     }
 }
@@ -184,6 +209,10 @@ pub struct RunArgs {
     /// Do not show progress on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Log every HTTP attempt on stderr (sink, method, path, status, latency,
+    /// attempt); `RUST_LOG` gives finer control (e.g. `RUST_LOG=crm_import=debug`).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
     /// CSV, CSV.gz, TSV or Parquet files, or directories of them; `-` reads CSV from stdin.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<String>,

@@ -20,6 +20,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to stderr when `RUST_LOG` is set or `-v` is given; otherwise none
+/// (no subscriber, no cost). Nothing logged ever holds a token or a body.
+fn init_logs(verbose: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) => EnvFilter::new(spec),
+        Err(_) if verbose => EnvFilter::new("crm_import=debug"),
+        Err(_) => return,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
 fn run() -> anyhow::Result<u8> {
     // A bad flag is "the run could not be done" (exit 1), not clap's usage code 2,
     // which a scheduler would read as "some rows were not delivered".
@@ -36,6 +52,7 @@ fn run() -> anyhow::Result<u8> {
     };
     match cli.command {
         Command::Run(args) => {
+            init_logs(args.verbose);
             let config = Config::load(&args.config)?;
             let outcome = pipeline::run(config, &args.options())?;
             eprint!("{}", outcome.render());

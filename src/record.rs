@@ -50,6 +50,10 @@ pub struct RowMeta {
     pub outcome: Outcome,
 }
 
+/// Cell text a chunk holds at most before its reader starts the next one, so
+/// that rows with huge fields cannot make a chunk (and the channels) huge.
+pub const MAX_CHUNK_BYTES: usize = 8 << 20;
+
 /// A batch of rows from one source.
 #[derive(Debug)]
 pub struct Chunk {
@@ -83,6 +87,11 @@ impl Chunk {
 
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// Bytes of cell text held (readers stop filling past [`MAX_CHUNK_BYTES`]).
+    pub fn text_len(&self) -> usize {
+        self.text.len()
     }
 
     pub fn is_empty(&self) -> bool {

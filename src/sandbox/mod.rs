@@ -64,6 +64,11 @@ pub struct PlatformOptions {
     /// The platform's throttle; `None` = unlimited.
     pub rate: Option<Rate>,
     pub faults: Faults,
+    /// Hostile throttling: the first `count` requests are answered 429 with
+    /// this raw `Retry-After` value (`inf`, `1e300`, `-5`, an HTTP date…).
+    pub retry_after: Option<(String, u64)>,
+    /// Every request is answered `307 Temporary Redirect` to this URL.
+    pub redirect_to: Option<String>,
 }
 
 /// Everything the sandbox can be told.
@@ -157,6 +162,8 @@ pub struct Shared {
     pub options: SandboxOptions,
     started: Instant,
     dice: AtomicU64,
+    /// Hostile 429s answered so far (see [`PlatformOptions::retry_after`]).
+    hostile_429s: AtomicU64,
     stats: Mutex<HashMap<Platform, Stats>>,
     pub(crate) chatfuel: Mutex<chatfuel::ChatfuelState>,
     pub(crate) weni: Mutex<weni::WeniState>,
@@ -198,6 +205,9 @@ impl Shared {
     /// Runs the pre-processing faults. `Some(response)` short-circuits the request.
     pub(crate) async fn before(&self, p: Platform, kill: &ConnKill) -> Option<Response<Body>> {
         self.count(p, |s| s.requests += 1);
+        if let Some(hostile) = self.hostile_answer(p) {
+            return Some(hostile);
+        }
         let faults = &self.platform(p).faults;
         if !faults.latency.is_zero() {
             tokio::time::sleep(faults.latency).await;
@@ -211,6 +221,35 @@ impl Shared {
             return Some(server_error(p));
         }
         None
+    }
+
+    /// A redirect, or a 429 with a hostile `Retry-After`, when configured.
+    fn hostile_answer(&self, p: Platform) -> Option<Response<Body>> {
+        let options = self.platform(p);
+        if let Some(location) = &options.redirect_to {
+            return Some(
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [("location", location.as_str())],
+                    "",
+                )
+                    .into_response(),
+            );
+        }
+        let (value, count) = options.retry_after.as_ref()?;
+        let seen = self.hostile_429s.fetch_add(1, Ordering::Relaxed);
+        if seen >= *count {
+            return None;
+        }
+        self.throttled(p);
+        Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", value.as_str())],
+                r#"{"detail": "Request was throttled."}"#,
+            )
+                .into_response(),
+        )
     }
 
     /// Runs the post-effect faults, then lets `response` go.
@@ -393,6 +432,7 @@ impl Sandbox {
         }
         let shared = Arc::new(Shared {
             dice: AtomicU64::new(options.seed),
+            hostile_429s: AtomicU64::new(0),
             started: Instant::now(),
             stats: Mutex::new(HashMap::new()),
             chatfuel: Mutex::new(chatfuel::ChatfuelState::new(&options)),

@@ -361,44 +361,13 @@ impl Uploader {
             }
             attempts += 1;
             self.stats.record_request();
-            let verdict = match make(&self.client).timeout(self.timeout).send().await {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    http_status = Some(status);
-                    let after = retry_after(response.headers());
-                    let location = redirect_location(&response);
-                    // A failure while reading the body still leaves the status: an answer is an answer.
-                    body = response.bytes().await.unwrap_or_default();
-                    match (special(status), location) {
-                        (Some(verdict), _) => verdict,
-                        (None, Some(location)) => Verdict::Reject(format!(
-                            "HTTP {status}: redirected to {location}; redirects are not followed"
-                        )),
-                        (None, None) => classify(status, after, &body),
-                    }
+            let verdict = match make(&self.client).timeout(self.timeout).build() {
+                Ok(request) => {
+                    self.attempt(request, attempts, &special, &mut http_status, &mut body)
+                        .await
                 }
                 // Built but never sent (e.g. a header that cannot be encoded): nothing left.
-                Err(e) if e.is_builder() => {
-                    Verdict::Reject(format!("cannot build the request: {}", root_cause(&e)))
-                }
-                // Connect errors happen before the request leaves: always safe to retry.
-                Err(e) if e.is_connect() => {
-                    Verdict::Retry(format!("cannot connect: {}", root_cause(&e)))
-                }
-                Err(e) => {
-                    let what = if e.is_timeout() {
-                        format!("no answer within {:?}", self.timeout)
-                    } else {
-                        format!("connection lost: {}", root_cause(&e))
-                    };
-                    if self.idempotent {
-                        Verdict::Retry(what)
-                    } else {
-                        Verdict::Unknown(format!(
-                            "{what}; the request may have been applied, so it is not resent"
-                        ))
-                    }
-                }
+                Err(e) => Verdict::Reject(format!("cannot build the request: {}", root_cause(&e))),
             };
             if !matches!(verdict, Verdict::RateLimited(_)) {
                 self.consecutive_429.store(0, Ordering::Relaxed);
@@ -452,6 +421,69 @@ impl Uploader {
                 body,
             };
         }
+    }
+}
+
+impl Uploader {
+    /// Sends one attempt and classifies its outcome; logs one line per attempt
+    /// (`RUST_LOG=crm_import=debug` or `-v`): sink, method, path without its
+    /// query, status, latency, attempt. Never a header or a body.
+    async fn attempt(
+        &self,
+        request: reqwest::Request,
+        attempt: u32,
+        special: &impl Fn(u16) -> Option<Verdict>,
+        http_status: &mut Option<u16>,
+        body: &mut Bytes,
+    ) -> Verdict {
+        let method = request.method().clone();
+        let path = request.url().path().to_owned();
+        let started = Instant::now();
+        let verdict = match self.client.execute(request).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                *http_status = Some(status);
+                let after = retry_after(response.headers());
+                let location = redirect_location(&response);
+                // A failure while reading the body still leaves the status: an answer is an answer.
+                *body = response.bytes().await.unwrap_or_default();
+                match (special(status), location) {
+                    (Some(verdict), _) => verdict,
+                    (None, Some(location)) => Verdict::Reject(format!(
+                        "HTTP {status}: redirected to {location}; redirects are not followed"
+                    )),
+                    (None, None) => classify(status, after, body),
+                }
+            }
+            // Connect errors happen before the request leaves: always safe to retry.
+            Err(e) if e.is_connect() => {
+                Verdict::Retry(format!("cannot connect: {}", root_cause(&e)))
+            }
+            Err(e) => {
+                let what = if e.is_timeout() {
+                    format!("no answer within {:?}", self.timeout)
+                } else {
+                    format!("connection lost: {}", root_cause(&e))
+                };
+                if self.idempotent {
+                    Verdict::Retry(what)
+                } else {
+                    Verdict::Unknown(format!(
+                        "{what}; the request may have been applied, so it is not resent"
+                    ))
+                }
+            }
+        };
+        tracing::debug!(
+            sink = self.kind.name(),
+            %method,
+            path,
+            status = http_status.map_or(0, |s| s),
+            latency_ms = started.elapsed().as_millis() as u64,
+            attempt,
+            "http attempt"
+        );
+        verdict
     }
 }
 

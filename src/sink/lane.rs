@@ -201,7 +201,8 @@ pub type Outcomes = Arc<dyn Fn(Vec<SinkRow>) + Send + Sync>;
 /// Everything a running sink holds besides its config.
 pub struct Lane {
     pub kind: SinkKind,
-    /// The token, already a sensitive header value for the sink's own scheme.
+    /// The token (trimmed, checked to form a header). Sinks send it only
+    /// through [`Lane::secret`], to their own `base_url`.
     pub token: String,
     pub uploader: Uploader,
     pub progress: Arc<SinkProgress>,
@@ -232,6 +233,15 @@ impl Lane {
             state,
             shutdown,
         }
+    }
+
+    /// `value` (a header holding the token) marked sensitive, so that no
+    /// Debug output or log of the request ever shows it.
+    pub fn secret(&self, value: &str) -> reqwest::header::HeaderValue {
+        let mut header = reqwest::header::HeaderValue::from_str(value)
+            .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static("invalid"));
+        header.set_sensitive(true);
+        header
     }
 
     /// Takes a row for this sink (the merger's hand-off).
@@ -368,7 +378,16 @@ where
             }
         });
     }
-    while workers.join_next().await.is_some() {}
+    while let Some(joined) = workers.join_next().await {
+        // A worker that panicked may hold rows nobody will report: re-raise it
+        // so the sink's task fails and the run ends with a clear error (exit 1)
+        // instead of a report with rows silently missing.
+        if let Err(e) = joined
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use encoding_rs::WINDOWS_1252;
 
 use super::{InputFile, Reader, SourceError};
 use crate::config::{Delimiter, Encoding, InputConfig};
-use crate::record::Chunk;
+use crate::record::{Chunk, MAX_CHUNK_BYTES};
 
 /// How much of the input the delimiter sniffer looks at.
 const SNIFF_BYTES: usize = 64 * 1024;
@@ -25,6 +25,8 @@ const CANDIDATES: [u8; 4] = [b',', b';', b'\t', b'|'];
 
 pub struct CsvReader {
     name: String,
+    /// Decoded bytes the csv reader pulled during the current record (see [`MAX_ROW_BYTES`]).
+    pulled: Arc<AtomicU64>,
     /// Bytes taken from the file (compressed bytes for gzip), for progress.
     consumed: Arc<AtomicU64>,
     reader: csv::Reader<Box<dyn Read + Send>>,
@@ -125,7 +127,11 @@ impl CsvReader {
             Delimiter::Auto if tsv => b'\t',
             Delimiter::Auto => sniff_delimiter(&sample),
         };
-        let stream: Box<dyn Read + Send> = Box::new(Cursor::new(sample).chain(raw));
+        let pulled = Arc::new(AtomicU64::new(0));
+        let stream: Box<dyn Read + Send> = Box::new(BudgetRead {
+            inner: Box::new(Cursor::new(sample).chain(raw)),
+            pulled: pulled.clone(),
+        });
         let mut reader = csv::ReaderBuilder::new()
             .delimiter(delimiter)
             .has_headers(false)
@@ -152,6 +158,7 @@ impl CsvReader {
             .collect();
         Ok(CsvReader {
             name,
+            pulled,
             consumed,
             reader,
             header_len: header.len(),
@@ -183,6 +190,32 @@ impl CsvReader {
     }
 }
 
+/// The most decoded bytes one record may pull from the input. The csv crate
+/// grows a record until its closing quote, so an unterminated quote would
+/// read the rest of the file into memory; no option of the crate bounds it,
+/// hence this budget on the stream it reads (the crate's 256 KiB read-ahead
+/// included).
+pub const MAX_ROW_BYTES: u64 = 2 << 20;
+
+/// Fails a read once the current record has pulled more than [`MAX_ROW_BYTES`].
+struct BudgetRead {
+    inner: Box<dyn Read + Send>,
+    pulled: Arc<AtomicU64>,
+}
+
+impl Read for BudgetRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if self.pulled.fetch_add(n as u64, Ordering::Relaxed) + n as u64 > MAX_ROW_BYTES {
+            return Err(std::io::Error::other(ROW_TOO_LONG));
+        }
+        Ok(n)
+    }
+}
+
+/// The marker of [`BudgetRead`]'s error.
+const ROW_TOO_LONG: &str = "row over the size budget";
+
 /// Counts the bytes read through it (the reading bar's position).
 struct CountingRead {
     inner: Box<dyn Read + Send>,
@@ -212,12 +245,21 @@ impl Reader for CsvReader {
 
     fn fill(&mut self, chunk: &mut Chunk, max_rows: usize) -> Result<bool, SourceError> {
         let mut added = 0;
-        while added < max_rows && !self.done {
+        while added < max_rows && !self.done && chunk.text_len() < MAX_CHUNK_BYTES {
+            let line = self.reader.position().line();
+            self.pulled.store(0, Ordering::Relaxed);
             match self.reader.read_byte_record(&mut self.record) {
                 Ok(true) => {}
                 Ok(false) => {
                     self.done = true;
                     break;
+                }
+                Err(e) if e.to_string().contains(ROW_TOO_LONG) => {
+                    return Err(SourceError::RowTooLong {
+                        source_name: self.name.clone(),
+                        line,
+                        limit_mib: MAX_ROW_BYTES >> 20,
+                    });
                 }
                 Err(e) => {
                     return Err(SourceError::Read {

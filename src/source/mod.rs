@@ -45,6 +45,14 @@ pub enum SourceError {
         key: String,
         header: String,
     },
+    #[error(
+        "{source_name}: the row starting at line {line} is longer than {limit_mib} MiB, most likely an unterminated quote (\"); fix the quoting of that row (nothing after it was read)"
+    )]
+    RowTooLong {
+        source_name: String,
+        line: u64,
+        limit_mib: u64,
+    },
     #[error("{path}: no .csv, .csv.gz, .tsv or .parquet files in this directory")]
     EmptyDirectory { path: String },
     #[error("{path}: unsupported file type; use .csv, .csv.gz, .tsv, .tsv.gz or .parquet")]

@@ -16,7 +16,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use super::{InputFile, Reader, SourceError};
-use crate::record::Chunk;
+use crate::record::{Chunk, MAX_CHUNK_BYTES};
 
 /// Rows per decoded batch: large enough to amortize decoding, small enough to keep memory flat.
 const BATCH_ROWS: usize = 8192;
@@ -186,7 +186,7 @@ impl Reader for ParquetReader {
 
     fn fill(&mut self, chunk: &mut Chunk, max_rows: usize) -> Result<bool, SourceError> {
         let mut added = 0;
-        while added < max_rows {
+        while added < max_rows && chunk.text_len() < MAX_CHUNK_BYTES {
             if self.next_in_batch >= self.batch_rows {
                 match self.reader()?.next() {
                     None => return Ok(added > 0),

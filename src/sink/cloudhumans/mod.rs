@@ -274,7 +274,7 @@ async fn send(sink: &CloudHumans, lane: &Lane, item: SinkItem) {
             |client| {
                 client
                     .post(&url)
-                    .header("api_access_token", &lane.token)
+                    .header("api_access_token", lane.secret(&lane.token))
                     .json(body)
             },
             |_| None,

@@ -282,8 +282,8 @@ async fn run(sink: Arc<Weni>, lane: Arc<Lane>) {
     .await;
 }
 
-fn auth(lane: &Lane) -> String {
-    format!("Token {}", lane.token)
+fn auth(lane: &Lane) -> reqwest::header::HeaderValue {
+    lane.secret(&format!("Token {}", lane.token))
 }
 
 /// GETs every page of `endpoint` and returns the values of `key` in its results.
@@ -322,10 +322,33 @@ async fn list_all(
             }
         }
         match page["next"].as_str() {
+            // The token goes only to the sink's own origin (SPEC "Transport").
+            Some(next) if !next.is_empty() && !same_origin(next, base) => {
+                return Err(PrepareFailed {
+                    reason: format!(
+                        "Weni preparation: the {endpoint} page links to another origin ({}); the token is not sent there",
+                        next.split('?').next().unwrap_or("")
+                    ),
+                });
+            }
             Some(next) if !next.is_empty() => url = next.to_owned(),
             _ => return Ok(values),
         }
     }
+}
+
+/// Whether `url` has the scheme, host and port of `base`.
+fn same_origin(url: &str, base: &str) -> bool {
+    let origin = |u: &str| {
+        reqwest::Url::parse(u).ok().map(|u| {
+            (
+                u.scheme().to_owned(),
+                u.host_str().map(str::to_owned),
+                u.port_or_known_default(),
+            )
+        })
+    };
+    origin(url).is_some() && origin(url) == origin(base)
 }
 
 fn describe(ended: &Ended) -> String {
