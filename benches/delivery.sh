@@ -55,7 +55,7 @@ PY
 
 lanes() {
 unique_phones "$LANE_ROWS" "$DATA/lanes.csv"
-start_sandbox --weni-rate 10/s
+start_sandbox --rate weni=10/s
 cat > "$DATA/lanes.toml" <<TOML
 [input]
 phone_column = "phone"
@@ -107,7 +107,7 @@ stop_sandbox
 stalled() {
 CSV="$DATA/crm-$ROWS.csv"
 [[ -f "$CSV" ]] || python3 fixtures/gen_crm_export.py "$ROWS" "$CSV" "$DATA/crm-$ROWS.parquet"
-start_sandbox --weni-rate 1/s
+start_sandbox --rate weni=1/s
 cat > "$DATA/stalled.toml" <<TOML
 [input]
 phone_column = ["phone", "mobile"]
@@ -132,7 +132,7 @@ TOML
 rm -f "$DATA"/stalled-state.db*
 /usr/bin/time -f "%e %M" -o "$DATA/stalled.time" env CHATFUEL_API_TOKEN=sandbox-token WENI_API_TOKEN=sandbox-token \
   "$BIN" run -q --max-duration 60s --summary-json "$DATA/stalled.json" --config "$DATA/stalled.toml" "$CSV" 2> "$DATA/stalled.stderr" || true
-read -r secs kb < "$DATA/stalled.time"
+read -r secs kb < <(tail -n 1 "$DATA/stalled.time")
 python3 - "$DATA/stalled.json" "$secs" "$kb" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -146,10 +146,11 @@ stop_sandbox
 }
 
 if [[ "${ONLY:-}" == lanes ]]; then lanes; stalled; exit 0; fi
+if [[ "${ONLY:-}" == lanes-rate ]]; then lanes; exit 0; fi
 unique_phones "$RATE_ROWS" "$DATA/rate.csv"
 
 # (a) rate accuracy
-start_sandbox --cloudhumans-rate 60/s
+start_sandbox --rate cloudhumans=60/s
 cat > "$DATA/rate.toml" <<TOML
 [input]
 phone_column = "phone"
@@ -203,7 +204,7 @@ concurrency = 4
 TOML
 /usr/bin/time -f "%e %M" -o "$DATA/ceiling.time" env CHATFUEL_API_TOKEN=sandbox-token \
   "$BIN" run -q --config "$DATA/ceiling.toml" "$CSV" 2> "$DATA/ceiling.stderr" || true
-read -r secs kb < "$DATA/ceiling.time"
+read -r secs kb < <(tail -n 1 "$DATA/ceiling.time")
 python3 - "$SANDBOX_URL" "$secs" "$kb" "$ROWS" <<'PY'
 import json, sys, urllib.request
 log = json.load(urllib.request.urlopen(sys.argv[1] + "/_sandbox/log"))

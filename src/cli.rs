@@ -33,6 +33,17 @@ fn rate(text: &str) -> Result<Rate, String> {
     })
 }
 
+fn platform_rate(text: &str) -> Result<(String, Rate), String> {
+    let (name, value) = text.split_once('=').ok_or_else(|| {
+        format!("\"{text}\" is not PLATFORM=RATE (a platform name, =, a rate such as 10/s)")
+    })?;
+    let name = name.trim();
+    if crate::sink::SinkKind::by_name(name).is_none() {
+        return Err(format!("\"{name}\" is not a platform"));
+    }
+    Ok((name.to_owned(), rate(value)?))
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text)
         .ok_or_else(|| format!("\"{text}\" is not a duration; write \"50ms\" or \"2s\""))
@@ -67,15 +78,10 @@ pub struct SandboxArgs {
     /// Token the three fakes accept.
     #[arg(long, default_value = SANDBOX_TOKEN)]
     pub token: String,
-    /// Chatfuel's throttle (fixed window; 429 with Retry-After). Default: none.
-    #[arg(long, value_parser = rate)]
-    pub chatfuel_rate: Option<Rate>,
-    /// Weni's throttle per token and scope (sliding window; 429 + Retry-After + DRF detail).
-    #[arg(long, value_parser = rate)]
-    pub weni_rate: Option<Rate>,
-    /// CloudHumans' throttle (fixed window; 429 text/plain, no Retry-After).
-    #[arg(long, value_parser = rate)]
-    pub cloudhumans_rate: Option<Rate>,
+    /// A platform's throttle, as PLATFORM=RATE (repeatable; e.g. `--rate weni=10/s`).
+    /// Each fake answers 429 the way its platform does. Default: none.
+    #[arg(long = "rate", value_name = "PLATFORM=RATE", value_parser = platform_rate)]
+    pub rates: Vec<(String, Rate)>,
     /// Latency added to every request.
     #[arg(long, value_parser = duration)]
     pub latency: Option<Duration>,
@@ -94,11 +100,7 @@ pub struct SandboxArgs {
     #[arg(long, value_parser = duration, default_value = "60s")]
     pub slow_delay: Duration,
     /// Platforms the faults, hostile Retry-After and redirects apply to (comma-separated); default all.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "chatfuel,weni,cloudhumans"
-    )]
+    #[arg(long, value_delimiter = ',')]
     pub faults_on: Vec<String>,
     /// Weni list page size.
     #[arg(long, default_value_t = 250)]
@@ -131,7 +133,7 @@ impl SandboxArgs {
             slow_delay: self.slow_delay,
         };
         let faults_for = |name: &str| {
-            let on = self.faults_on.iter().any(|p| p.trim() == name);
+            let on = self.faults_on.is_empty() || self.faults_on.iter().any(|p| p.trim() == name);
             PlatformOptions {
                 rate: None,
                 faults: if on {
@@ -154,18 +156,12 @@ impl SandboxArgs {
             seed: self.seed,
             ..SandboxOptions::default()
         };
-        options.chatfuel = PlatformOptions {
-            rate: self.chatfuel_rate,
-            ..faults_for("chatfuel")
-        };
-        options.weni = PlatformOptions {
-            rate: self.weni_rate,
-            ..faults_for("weni")
-        };
-        options.cloudhumans = PlatformOptions {
-            rate: self.cloudhumans_rate,
-            ..faults_for("cloudhumans")
-        };
+        for (name, platform) in options.platforms_mut() {
+            *platform = PlatformOptions {
+                rate: self.rates.iter().find(|(n, _)| n == name).map(|(_, r)| *r),
+                ..faults_for(name)
+            };
+        }
         options
     }
 }

@@ -231,20 +231,20 @@ mod tests {
 
     #[test]
     fn a_sink_eta_comes_from_its_configured_rate_and_backlog() {
-        let weni = SinkMeter {
-            name: "weni",
+        let slow = SinkMeter {
+            name: "slow",
             progress: Arc::default(),
             requests_per_second: 3000.0 / 3600.0,
             rows_per_request: 1,
         };
-        // 100,000 rows at 3000/h: 33 h 20 m, however fast the first minute went.
-        assert_eq!(human_duration(weni.eta(100_000)), "33h 20m 0s");
-        let chatfuel = SinkMeter {
-            name: "chatfuel",
+        // 100,000 rows at 3000/h (Weni's limit): 33 h 20 m, however fast the first minute went.
+        assert_eq!(human_duration(slow.eta(100_000)), "33h 20m 0s");
+        let batched = SinkMeter {
+            name: "batched",
             progress: Arc::default(),
             requests_per_second: 1.0,
             rows_per_request: 1000,
         };
-        assert_eq!(human_duration(chatfuel.eta(100_001)), "1m 41s");
+        assert_eq!(human_duration(batched.eta(100_001)), "1m 41s");
     }
 }

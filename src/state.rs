@@ -614,13 +614,13 @@ mod tests {
     fn scopes() -> Vec<Scope> {
         vec![
             Scope {
-                sink: "weni",
-                scope: "https://weni".into(),
+                sink: "upserts",
+                scope: "https://upserts".into(),
                 legacy: String::new(),
             },
             Scope {
-                sink: "cloudhumans",
-                scope: "https://ch 1 2 welcome".into(),
+                sink: "messages",
+                scope: "https://messages 1 2 welcome".into(),
                 legacy: "welcome".into(),
             },
         ]
@@ -654,8 +654,8 @@ mod tests {
         let other = load(
             &path,
             &[Scope {
-                sink: "cloudhumans",
-                scope: "https://ch 1 2 other".into(),
+                sink: "messages",
+                scope: "https://messages 1 2 other".into(),
                 legacy: "other".into(),
             }],
             true,

@@ -93,6 +93,17 @@ pub struct SandboxOptions {
     pub seed: u64,
 }
 
+impl SandboxOptions {
+    /// Each fake's options, by platform name.
+    pub fn platforms_mut(&mut self) -> [(&'static str, &mut PlatformOptions); 3] {
+        [
+            ("chatfuel", &mut self.chatfuel),
+            ("weni", &mut self.weni),
+            ("cloudhumans", &mut self.cloudhumans),
+        ]
+    }
+}
+
 impl Default for SandboxOptions {
     fn default() -> Self {
         SandboxOptions {

@@ -256,13 +256,13 @@ mod tests {
         let header = vec!["id".to_string(), " Phone ".to_string()];
         let needed = vec![("phone".to_string(), "input.phone_column".to_string())];
         assert_eq!(resolve_columns("a.csv", &header, &needed).unwrap(), vec![1]);
-        let needed = vec![("plan".to_string(), "sinks.weni.fields.plan".to_string())];
+        let needed = vec![("plan".to_string(), "sinks.crm.fields.plan".to_string())];
         let err = resolve_columns("a.csv", &header, &needed)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("a.csv")
-                && err.contains("sinks.weni.fields.plan")
+                && err.contains("sinks.crm.fields.plan")
                 && err.contains("id,  Phone"),
             "{err}"
         );

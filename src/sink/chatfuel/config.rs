@@ -80,3 +80,23 @@ pub fn parse(
         bound_property_columns: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    #[test]
+    fn batch_size_over_the_api_limit_is_named() {
+        let err = Config::parse(
+            "[input]\nphone_column = \"p\"\n[sinks.chatfuel]\nautomation_id = \"a\"\nbatch_size = 1500\n",
+            Path::new("/etc/crm/import.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("sinks.chatfuel.batch_size"),
+            "{err}"
+        );
+    }
+}

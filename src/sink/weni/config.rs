@@ -184,3 +184,51 @@ pub fn parse(
         mode,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn parse(table: &str) -> Result<Config, crate::config::ConfigError> {
+        let text =
+            format!("[input]\nphone_column = [\"mobile\", \"phone\"]\nid_column = \"id\"\n{table}");
+        Config::parse(&text, Path::new("/etc/crm/import.toml"))
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let err = parse("[sinks.weni]\nrat = \"1/s\"\n").unwrap_err();
+        assert!(err.to_string().contains("rat"), "{err}");
+        let err = parse("[sinks.weni]\nrate = \"fast\"\n").unwrap_err();
+        assert!(err.to_string().contains("sinks.weni.rate"), "{err}");
+        let err = parse("[sinks.weni]\nbase_url = \"http://flows.weni.ai\"\n").unwrap_err();
+        assert!(err.to_string().contains("sinks.weni.base_url"), "{err}");
+    }
+
+    #[test]
+    fn a_disabled_table_is_checked_but_skipped() {
+        let c = parse("[sinks.weni]\nenabled = false\n").unwrap();
+        assert!(c.sinks.is_empty());
+        let err = parse("[sinks.weni]\nenabled = false\nmode = \"purge\"\n").unwrap_err();
+        assert!(err.to_string().contains("sinks.weni.mode"), "{err}");
+    }
+
+    #[test]
+    fn columns_are_listed() {
+        let c = parse(
+            r#"[sinks.weni]
+name = "{first_name} {last_name}"
+fields = { plan = "{plan}" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.sinks.len(), 1);
+        let cols: Vec<_> = c.column_uses().into_iter().map(|u| u.column).collect();
+        assert_eq!(
+            cols,
+            ["mobile", "phone", "id", "first_name", "last_name", "plan"]
+        );
+    }
+}
