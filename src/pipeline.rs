@@ -178,6 +178,15 @@ pub struct Incremental {
 /// Runs the pipeline.
 pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
+    // Signals are handled from the first moment: a SIGTERM during start-up
+    // must stop the run gracefully too, not kill it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Runtime(e.to_string()))?;
+    let shutdown = Shutdown::new();
+    watch_signals(&runtime, &shutdown);
     if config.sinks.is_empty() {
         return Err(RunError::NoSinks { path: config.path });
     }
@@ -204,13 +213,6 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
     let state = (!options.dry_run)
         .then(|| StateWriter::start(&state_path, scopes))
         .transpose()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| RunError::Runtime(e.to_string()))?;
-    let shutdown = Shutdown::new();
-    runtime.spawn(watch_signals(shutdown.clone()));
     let sandbox = (options.sandbox && !options.dry_run)
         .then(|| start_sandbox(&runtime, &mut config))
         .transpose()?;
@@ -545,27 +547,33 @@ fn tokens(config: &Config, options: &RunOptions) -> Result<Vec<String>, RunError
 }
 
 /// SIGTERM and SIGINT stop the run gracefully; a second one quits at once.
-async fn watch_signals(shutdown: Shutdown) {
+/// The handlers are registered before this returns (not in the spawned task),
+/// so no signal can arrive between start-up and their installation.
+fn watch_signals(runtime: &tokio::runtime::Runtime, shutdown: &Shutdown) {
     use tokio::signal::unix::{SignalKind, signal};
+    let _guard = runtime.enter();
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
         return;
     };
-    loop {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        if shutdown.signal(name) > 1 {
-            eprintln!("\ncrm-import: {name} again: quitting now (the state is consistent)");
-            std::process::exit(130);
+    let shutdown = shutdown.clone();
+    runtime.spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if shutdown.signal(name) > 1 {
+                eprintln!("\ncrm-import: {name} again: quitting now (the state is consistent)");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ncrm-import: {name}: no new rows or requests; finishing the requests in flight and writing the state and report ({name} again quits at once)"
+            );
         }
-        eprintln!(
-            "\ncrm-import: {name}: no new rows or requests; finishing the requests in flight and writing the state and report ({name} again quits at once)"
-        );
-    }
+    });
 }
 
 /// Starts the in-process sandbox on a loopback ephemeral port and points every

@@ -31,9 +31,10 @@ impl SinkPlan {
             .duration_for(self.counts.requests + self.counts.prepare_requests)
     }
 
-    /// One line of the request plan.
+    /// The request plan's line(s): the sink's requests, then any of a second
+    /// kind on their own limiter (Weni's `contact_actions`) with their own estimate.
     pub fn line(&self) -> String {
-        format!(
+        let mut line = format!(
             "  {:<12} {:>10} requests for {:>10} rows{}; ≈ {} at {}",
             self.kind.name(),
             thousands(self.counts.requests),
@@ -41,7 +42,19 @@ impl SinkPlan {
             self.counts.note,
             human_duration(self.estimate()),
             self.rate
-        )
+        );
+        if let Some(more) = &self.counts.secondary {
+            let _ = write!(
+                line,
+                "\n  {:<12} {:>10} {} requests (their own limiter); ≈ {} at {}",
+                "",
+                thousands(more.requests),
+                more.what,
+                human_duration(more.rate.duration_for(more.requests)),
+                more.rate
+            );
+        }
+        line
     }
 
     /// The warning when the plan does not fit in `limit` (`--max-duration`), if it does not.

@@ -43,11 +43,16 @@ pub struct ChatfuelLog {
     pub contacts: BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>,
     /// Property changes that would fire an "After property is changed" trigger.
     pub property_changes: u64,
+    /// Batches refused because they held a refused phone (nothing applied).
+    #[serde(default)]
+    pub refused_batches: u64,
 }
 
 pub(crate) struct ChatfuelState {
     throttle: Option<FixedWindow>,
     automations: Vec<String>,
+    /// Phones this automation refuses: a batch holding any is refused whole.
+    refused: Vec<String>,
     log: ChatfuelLog,
 }
 
@@ -56,6 +61,7 @@ impl ChatfuelState {
         ChatfuelState {
             throttle: options.chatfuel.rate.map(FixedWindow::new),
             automations: options.chatfuel_automations.clone(),
+            refused: options.chatfuel_refused_phones.clone(),
             log: ChatfuelLog::default(),
         }
     }
@@ -159,6 +165,20 @@ fn apply(shared: &Shared, automation_id: &str, body: &[u8]) -> Response<Body> {
                 ));
             }
         }
+    }
+    // All-or-nothing, like most batch APIs: one refused phone fails the batch,
+    // named in the message, and nothing in it is applied.
+    if let Some(refused) = phone_list.iter().find(|p| {
+        state
+            .refused
+            .iter()
+            .any(|r| r.trim_start_matches('+') == p.trim_start_matches('+'))
+    }) {
+        state.log.refused_batches += 1;
+        return super::json(
+            StatusCode::BAD_REQUEST,
+            json!({"success": false, "message": format!("invalid phone: {refused}")}),
+        );
     }
     let mut properties = BTreeMap::new();
     match value.pointer("/contact_data/properties") {

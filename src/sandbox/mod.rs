@@ -89,6 +89,13 @@ pub struct SandboxOptions {
     pub cloudhumans_templates: Vec<String>,
     /// Chatfuel: known automation ids; empty accepts any 24-character id.
     pub chatfuel_automations: Vec<String>,
+    /// Chatfuel: phones refused (400 naming the first; the batch is not applied).
+    pub chatfuel_refused_phones: Vec<String>,
+    /// Weni: contacts (blocked or not, in groups) that exist before the run.
+    pub weni_seed: Vec<weni::SeedContact>,
+    /// Weni: the first N upserts that would create a contact lose a race:
+    /// 400 `{"error": "URNs in use by other contacts"}`, nothing applied.
+    pub weni_urn_races: u64,
     /// Seed of the fault dice, so a failing run can be replayed.
     pub seed: u64,
 }
@@ -116,6 +123,9 @@ impl Default for SandboxOptions {
             cloudhumans_accounts: HashMap::new(),
             cloudhumans_templates: Vec::new(),
             chatfuel_automations: Vec::new(),
+            chatfuel_refused_phones: Vec::new(),
+            weni_seed: Vec::new(),
+            weni_urn_races: 0,
             seed: 0x5EED,
         }
     }

@@ -10,7 +10,12 @@
 //! field label rules and key derivation with reserved keys; group name rules;
 //! 250-item caps; cursor pagination with `next` URLs; a per-(token, scope)
 //! sliding-window throttle (`v2.contacts` and `v2` separately) answered 429
-//! with `Retry-After` and DRF's text; the optional `verify_ninth_digit` lookup.
+//! with `Retry-After` and DRF's text; the optional `verify_ninth_digit` lookup;
+//! `contact_actions.json` (§1.5b: 1–100 UUIDs or URNs, all-or-nothing
+//! validation naming the first bad item, non-active contacts refused for
+//! `add`, other memberships untouched, 204, the `v2` bucket); contacts seeded
+//! before the run (blocked ones, existing memberships); injected
+//! `URNs in use by other contacts` races on create.
 
 // Validation helpers return the ready HTTP error response as `Err`; it is the
 // early-return path of a fake server, so its size does not matter.
@@ -44,6 +49,9 @@ pub struct WeniContact {
     pub groups: Vec<String>,
     pub fields: BTreeMap<String, String>,
     pub active: bool,
+    /// Blocked (or stopped): refused by `contact_actions` `add`.
+    #[serde(default)]
+    pub blocked: bool,
     pub created_on: String,
     pub modified_on: String,
 }
@@ -69,6 +77,29 @@ pub struct WeniWrite {
     pub lookup: String,
     pub status: u16,
     pub at_ms: u64,
+    /// Whether the body carried `groups` (which replaces every static membership).
+    #[serde(default)]
+    pub groups_in_body: bool,
+}
+
+/// One `contact_actions.json` request the fake answered.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WeniAction {
+    pub action: String,
+    pub group: Option<String>,
+    pub contacts: Vec<String>,
+    pub status: u16,
+    pub at_ms: u64,
+}
+
+/// A contact that exists before the run (`SandboxOptions::weni_seed`).
+#[derive(Clone, Debug, Default)]
+pub struct SeedContact {
+    /// Its URN, e.g. `whatsapp:5511960000000`.
+    pub urn: String,
+    /// Static groups it is in (created when missing).
+    pub groups: Vec<String>,
+    pub blocked: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -77,6 +108,8 @@ pub struct WeniLog {
     pub fields: Vec<WeniField>,
     pub groups: Vec<WeniGroup>,
     pub writes: Vec<WeniWrite>,
+    #[serde(default)]
+    pub actions: Vec<WeniAction>,
 }
 
 pub(crate) struct WeniState {
@@ -92,11 +125,40 @@ pub(crate) struct WeniState {
     fields: Vec<WeniField>,
     groups: Vec<WeniGroup>,
     writes: Vec<WeniWrite>,
+    actions: Vec<WeniAction>,
+    /// Creates still to lose a race (`SandboxOptions::weni_urn_races`).
+    races_left: u64,
 }
 
 impl WeniState {
     pub(crate) fn new(options: &SandboxOptions) -> WeniState {
+        let mut state = WeniState::empty(options);
+        for seed in &options.weni_seed {
+            state.seed(seed);
+        }
+        state
+    }
+
+    fn seed(&mut self, seed: &SeedContact) {
+        for name in &seed.groups {
+            if !self.groups.iter().any(|g| &g.name == name) {
+                let uuid = super::uuid(self.groups.len() as u64 + 1, 0x6A0B);
+                self.groups.push(WeniGroup {
+                    uuid,
+                    name: name.clone(),
+                });
+            }
+        }
+        let urn = normalize_urn(&seed.urn).unwrap_or_else(|_| seed.urn.clone());
+        let index = create(self, vec![urn]);
+        self.contacts[index].groups = seed.groups.clone();
+        self.contacts[index].blocked = seed.blocked;
+    }
+
+    fn empty(options: &SandboxOptions) -> WeniState {
         WeniState {
+            actions: Vec::new(),
+            races_left: options.weni_urn_races,
             throttle: options.weni.rate.map(SlidingWindow::new),
             page_size: options.page_size.max(1),
             verify_ninth_digit: options.weni_verify_ninth_digit,
@@ -116,6 +178,7 @@ impl WeniState {
             fields: self.fields.clone(),
             groups: self.groups.clone(),
             writes: self.writes.clone(),
+            actions: self.actions.clone(),
         }
     }
 
@@ -141,7 +204,7 @@ impl WeniState {
             .collect();
         json!({
             "uuid": c.uuid, "name": c.name, "language": c.language, "urns": c.urns,
-            "groups": groups, "fields": fields, "blocked": false, "stopped": false,
+            "groups": groups, "fields": fields, "blocked": c.blocked, "stopped": false,
             "created_on": c.created_on, "modified_on": c.modified_on, "last_seen_on": null,
         })
     }
@@ -158,6 +221,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/api/v2/contacts.json", any(contacts))
         .route("/api/v2/fields.json", any(fields))
         .route("/api/v2/groups.json", any(groups))
+        .route("/api/v2/contact_actions.json", any(contact_actions))
 }
 
 fn detail(status: StatusCode, message: &str) -> Response<Body> {
@@ -447,6 +511,7 @@ fn write_contact(shared: &Shared, query: &HashMap<String, String>, body: &[u8]) 
         .or(query.get("uuid"))
         .cloned()
         .unwrap_or_default();
+    let groups_in_body = body.contains_key("groups");
     let response = upsert(&mut state, query, body);
     let status = response.status().as_u16();
     state.writes.push(WeniWrite {
@@ -454,6 +519,7 @@ fn write_contact(shared: &Shared, query: &HashMap<String, String>, body: &[u8]) 
         lookup: lookup_text,
         status,
         at_ms,
+        groups_in_body,
     });
     response
 }
@@ -670,6 +736,7 @@ fn create(state: &mut WeniState, urns: Vec<String>) -> usize {
         groups: Vec::new(),
         fields: BTreeMap::new(),
         active: true,
+        blocked: false,
         created_on: now.clone(),
         modified_on: now,
     });
@@ -701,6 +768,14 @@ fn upsert(
                 .flatten()
                 .and_then(|v| state.by_urn.get(&v).copied())
         });
+        if found.is_none() && state.races_left > 0 {
+            // Mailroom's insert lost a race with another write (API.md §1.3).
+            state.races_left -= 1;
+            return super::json(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "URNs in use by other contacts"}),
+            );
+        }
         let (index, status) = match found {
             Some(i) => (i, StatusCode::OK),
             None => (create(state, vec![urn]), StatusCode::CREATED),
@@ -777,11 +852,157 @@ fn delete_contact(shared: &Shared, query: &HashMap<String, String>) -> Response<
         lookup,
         status: status.as_u16(),
         at_ms,
+        groups_in_body: false,
     });
     match status {
         StatusCode::NO_CONTENT => StatusCode::NO_CONTENT.into_response(),
         _ => detail(StatusCode::NOT_FOUND, "Not found."),
     }
+}
+
+async fn contact_actions(
+    State(shared): State<Arc<Shared>>,
+    Extension(kill): Extension<ConnKill>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response<Body> {
+    serve(&shared, &kill, &headers, "v2", || match method {
+        Method::POST => apply_action(&shared, &body),
+        _ => not_allowed(&method),
+    })
+    .await
+}
+
+/// Actions that take a group, and those that must not.
+const GROUP_ACTIONS: [&str; 2] = ["add", "remove"];
+const OTHER_ACTIONS: [&str; 5] = [
+    "block",
+    "unblock",
+    "interrupt",
+    "archive_messages",
+    "delete",
+];
+
+/// API.md §1.5b: every item is validated before anything changes.
+fn apply_action(shared: &Shared, body: &[u8]) -> Response<Body> {
+    let at_ms = shared.now_ms();
+    let (body, mut state) = match body_and_state(shared, body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let contacts: Vec<String> = body
+        .get("contacts")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let action = body
+        .get("action")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let group = body.get("group").and_then(Value::as_str).map(str::to_owned);
+    let response = match validate_action(&state, &contacts, &action, group.as_deref()) {
+        Err(response) => response,
+        Ok((indices, group)) => {
+            for i in indices {
+                let memberships = &mut state.contacts[i].groups;
+                match (action.as_str(), &group) {
+                    ("add", Some(g)) if !memberships.contains(g) => memberships.push(g.clone()),
+                    ("remove", Some(g)) => memberships.retain(|m| m != g),
+                    _ => {}
+                }
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+    };
+    let status = response.status().as_u16();
+    state.actions.push(WeniAction {
+        action,
+        group,
+        contacts,
+        status,
+        at_ms,
+    });
+    response
+}
+
+/// The contacts' indices and the group's name, or the 400 naming the first bad item.
+fn validate_action(
+    state: &WeniState,
+    contacts: &[String],
+    action: &str,
+    group: Option<&str>,
+) -> Result<(Vec<usize>, Option<String>), Response<Body>> {
+    if contacts.is_empty() {
+        return Err(one_error("contacts", "Contacts can't be empty."));
+    }
+    if contacts.len() > 100 {
+        return Err(one_error(
+            "contacts",
+            "This field can only contain up to 100 items.",
+        ));
+    }
+    let group = match (GROUP_ACTIONS.contains(&action), group) {
+        (true, Some(reference)) => Some(
+            state
+                .groups
+                .iter()
+                .find(|g| g.uuid == reference || g.name.to_lowercase() == reference.to_lowercase())
+                .map(|g| g.name.clone())
+                .ok_or_else(|| one_error("group", format!("No such object: {reference}")))?,
+        ),
+        (true, None) => return Err(one_error("group", "This field is required.")),
+        (false, _) if !OTHER_ACTIONS.contains(&action) => {
+            return Err(one_error(
+                "action",
+                format!("\"{action}\" is not a valid choice."),
+            ));
+        }
+        (false, Some(_)) => return Err(one_error("group", "For this action group must be empty.")),
+        (false, None) => None,
+    };
+    let mut indices = Vec::with_capacity(contacts.len());
+    for reference in contacts {
+        let by_urn = normalize_urn(reference)
+            .ok()
+            .and_then(|u| state.by_urn.get(&u).copied());
+        let found = state
+            .contacts
+            .iter()
+            .position(|c| c.active && &c.uuid == reference)
+            .or(by_urn);
+        match found {
+            Some(i) => indices.push(i),
+            None => {
+                return Err(one_error(
+                    "contacts",
+                    format!("No such object: {reference}"),
+                ));
+            }
+        }
+    }
+    if action == "add" {
+        let blocked: Vec<&str> = indices
+            .iter()
+            .filter(|&&i| state.contacts[i].blocked)
+            .map(|&i| state.contacts[i].uuid.as_str())
+            .collect();
+        if !blocked.is_empty() {
+            return Err(one_error(
+                "contacts",
+                format!(
+                    "Non-active contacts cannot be added to groups: {}",
+                    blocked.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok((indices, group))
 }
 
 /// API.md §1.4: lower-case, runs of non-[a-z0-9] → one `_`, trimmed.

@@ -329,12 +329,12 @@ impl Uploader {
     }
 
     /// Sends the request built by `make` until it succeeds, is refused, or
-    /// retries run out. `special` lets a sink classify an answer itself (e.g.
+    /// retries run out. `special` lets a sink classify an answer (status and body) itself (e.g.
     /// Weni delete's 404 is a success); it returns `None` to use [`classify`].
     pub async fn execute(
         &self,
         make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
-        special: impl Fn(u16) -> Option<Verdict>,
+        special: impl Fn(u16, &[u8]) -> Option<Verdict>,
     ) -> Finished {
         let mut attempts = 0u32;
         let mut retries = 0u32;
@@ -432,7 +432,7 @@ impl Uploader {
         &self,
         request: reqwest::Request,
         attempt: u32,
-        special: &impl Fn(u16) -> Option<Verdict>,
+        special: &impl Fn(u16, &[u8]) -> Option<Verdict>,
         http_status: &mut Option<u16>,
         body: &mut Bytes,
     ) -> Verdict {
@@ -447,7 +447,7 @@ impl Uploader {
                 let location = redirect_location(&response);
                 // A failure while reading the body still leaves the status: an answer is an answer.
                 *body = response.bytes().await.unwrap_or_default();
-                match (special(status), location) {
+                match (special(status, body), location) {
                     (Some(verdict), _) => verdict,
                     (None, Some(location)) => Verdict::Reject(format!(
                         "HTTP {status}: redirected to {location}; redirects are not followed"

@@ -125,6 +125,16 @@ pub struct PlanCounts {
     pub prepare_requests: u64,
     /// A short note for the plan line (e.g. "in 3 property set(s)").
     pub note: String,
+    /// Requests of a second kind on their own limiter (Weni's `contact_actions`).
+    pub secondary: Option<SecondaryPlan>,
+}
+
+/// Requests of a second kind, paced by their own rate.
+#[derive(Clone, Debug)]
+pub struct SecondaryPlan {
+    pub what: &'static str,
+    pub requests: u64,
+    pub rate: crate::config::Rate,
 }
 
 /// A platform, as the pipeline drives it.

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 pub use config::ChatfuelConfig;
 
+use super::http::{Ended, Finished};
 use super::lane::{Lane, worker_pool};
 use super::{
     Check, Delivery, ItemMeta, ParseContext, Payload, PlanCounts, Platform, RowView, Sink, SinkKind,
@@ -129,6 +130,7 @@ impl Sink for Chatfuel {
                 " in {} property set(s)",
                 crate::progress::thousands(groups.len() as u64)
             ),
+            secondary: None,
         }
     }
 
@@ -272,26 +274,61 @@ async fn send(sink: &Chatfuel, lane: &Lane, batch: Batch<ItemMeta>) {
         lane.report_not_sent(batch.items);
         return;
     }
+    send_or_split(sink, lane, batch.properties, batch.items).await;
+}
+
+/// Sends one batch; when Chatfuel refuses a batch of several phones (a 4xx
+/// other than 401/403/404/429: one bad phone fails the whole batch), sends
+/// each half again, recursively, until the refused phones are isolated
+/// (SPEC "Chatfuel split retries"). With k refused phones in a batch of b,
+/// that is at most 2·k·⌈log2 b⌉ extra requests.
+fn send_or_split<'a>(
+    sink: &'a Chatfuel,
+    lane: &'a Lane,
+    properties: Vec<(String, String)>,
+    mut items: Vec<ItemMeta>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        let finished = post(sink, lane, &properties, &items).await;
+        let splittable = matches!(finished.ended, Ended::Rejected(_))
+            && items.len() > 1
+            && finished
+                .http_status
+                .is_some_and(|s| (400..500).contains(&s) && ![401, 403, 404, 429].contains(&s));
+        if !splittable {
+            lane.report_finished(items, &finished, Status::Sent);
+            return;
+        }
+        let second = items.split_off(items.len() / 2);
+        send_or_split(sink, lane, properties.clone(), items).await;
+        send_or_split(sink, lane, properties, second).await;
+    })
+}
+
+/// One request for `items`, all with `properties`.
+async fn post(
+    sink: &Chatfuel,
+    lane: &Lane,
+    properties: &[(String, String)],
+    items: &[ItemMeta],
+) -> Finished {
     let config = &sink.config;
     let url = format!(
         "{}/api/contacts/{}/whatsapp/",
         config.common.base_url, config.automation_id
     );
-    let phones: Vec<String> = batch.items.iter().map(|m| m.phone.to_string()).collect();
-    let properties: serde_json::Map<String, serde_json::Value> = batch
-        .properties
+    let phones: Vec<String> = items.iter().map(|m| m.phone.to_string()).collect();
+    let properties: serde_json::Map<String, serde_json::Value> = properties
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
         .collect();
     let body = json!({"phones": phones, "contact_data": {"properties": properties}});
-    let finished = lane
-        .uploader
+    lane.uploader
         .execute(
             |client| client.post(&url).bearer_auth(&lane.token).json(&body),
-            |_| None,
+            |_, _| None,
         )
-        .await;
-    lane.report_finished(batch.items, &finished, Status::Sent);
+        .await
 }
 
 #[cfg(test)]

@@ -277,7 +277,7 @@ async fn send(sink: &CloudHumans, lane: &Lane, item: SinkItem) {
                     .header("api_access_token", lane.secret(&lane.token))
                     .json(body)
             },
-            |_| None,
+            |_, _| None,
         )
         .await;
     lane.report_finished(vec![item.meta], &finished, Status::Sent);

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{CommonDefaults, ConfigError, SinkCommon, sink_common, template_key};
+use crate::config::{CommonDefaults, ConfigError, Rate, SinkCommon, sink_common, template_key};
 use crate::sink::{ParseContext, SinkKind, raw_table};
 use crate::template::Template;
 
@@ -14,6 +14,8 @@ crate::raw_sink_table!(RawWeni {
     fields: Option<BTreeMap<String, String>>,
     field_types: Option<BTreeMap<String, String>>,
     mode: Option<String>,
+    group_mode: Option<String>,
+    actions_rate: Option<String>,
 });
 
 /// Weni's upsert key scheme.
@@ -44,6 +46,19 @@ pub struct WeniConfig {
     /// Type of each field the tool may have to create; default "text".
     pub field_types: BTreeMap<String, String>,
     pub mode: WeniMode,
+    pub group_mode: GroupMode,
+    /// Pace of `contact_actions` requests (the API's separate `v2` bucket).
+    pub actions_rate: Rate,
+}
+
+/// How contacts get into `groups` (SPEC "Weni groups never remove memberships").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupMode {
+    /// The upsert carries no `groups`; contacts are added through
+    /// `contact_actions`, their other memberships untouched.
+    Add,
+    /// The upsert carries `groups`: Weni sets exactly those static groups.
+    Replace,
 }
 
 /// Weni value types (API.md §1.4).
@@ -173,6 +188,23 @@ pub fn parse(
             ));
         }
     }
+    let group_mode = match raw.group_mode.as_deref() {
+        None | Some("add") => GroupMode::Add,
+        Some("replace") => GroupMode::Replace,
+        Some(m) => {
+            return Err(ctx.invalid(
+                "sinks.weni.group_mode",
+                format!("is \"{m}\"; use \"add\" (keep other groups) or \"replace\""),
+            ));
+        }
+    };
+    let actions_text = raw.actions_rate.unwrap_or_else(|| "3000/h".into());
+    let actions_rate = Rate::parse(&actions_text).ok_or_else(|| {
+        ctx.invalid(
+            "sinks.weni.actions_rate",
+            format!("is \"{actions_text}\"; write requests per second, minute or hour: \"3000/h\""),
+        )
+    })?;
     Ok(WeniConfig {
         common,
         urn_scheme,
@@ -182,6 +214,8 @@ pub fn parse(
         fields,
         field_types,
         mode,
+        group_mode,
+        actions_rate,
     })
 }
 

@@ -7,10 +7,21 @@
 //! retry after a timeout is safe. `mode = "delete"`: `DELETE ?urn=` (204 →
 //! `deleted`, 404 → `not_found`).
 //!
-//! Weni replaces a contact's static groups with the list sent on every upsert
-//! (API.md §1.3): contacts end up in exactly the configured `groups`.
+//! Groups (`group_mode`): an upsert that carries `groups` *replaces* every
+//! static membership of the contact (API.md §1.3), which would silently take
+//! existing contacts out of the customer's other groups. So by default
+//! (`"add"`) the upsert carries no `groups`, and [`groups`] adds the upserted
+//! contacts to each configured group through `contact_actions` (§1.5b), up to
+//! 100 UUIDs a request, on its own limiter (`actions_rate`, the API's separate
+//! `v2` bucket). A row is recorded as delivered only once its upsert *and* its
+//! group adds succeeded; both are idempotent, so a crash in between is
+//! completed by the next run. `"replace"` sends `groups` in the upsert.
+//!
+//! A create can race another write (400 `URNs in use by other contacts`):
+//! that is transient and retried like a 5xx.
 
 mod config;
+mod groups;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,7 +29,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 use tokio::sync::OnceCell;
 
-pub use config::{RESERVED_KEYS, UrnScheme, WeniConfig, WeniMode};
+pub use config::{GroupMode, RESERVED_KEYS, UrnScheme, WeniConfig, WeniMode};
 
 use super::http::{Ended, Verdict};
 use super::lane::{Lane, worker_pool};
@@ -118,6 +129,11 @@ impl Sink for Weni {
         } else {
             2 + c.fields.len() as u64 + c.groups.len() as u64
         };
+        let adds = (self.adds_groups() && rows > 0).then(|| super::SecondaryPlan {
+            what: "contact_actions",
+            requests: rows.div_ceil(groups::BATCH as u64) * c.groups.len() as u64,
+            rate: c.actions_rate,
+        });
         PlanCounts {
             requests: rows,
             prepare_requests: prepare,
@@ -126,11 +142,20 @@ impl Sink for Weni {
             } else {
                 String::new()
             },
+            secondary: adds,
         }
     }
 
     fn deliver(self: Arc<Self>, lane: Arc<Lane>) -> Delivery {
         Box::pin(run(self, lane))
+    }
+}
+
+impl Weni {
+    /// Whether upserted contacts are then added to groups through `contact_actions`.
+    fn adds_groups(&self) -> bool {
+        let c = &self.config;
+        c.mode == WeniMode::Upsert && c.group_mode == GroupMode::Add && !c.groups.is_empty()
     }
 }
 
@@ -233,7 +258,7 @@ pub fn body(config: &WeniConfig, row: RowView<'_>) -> Value {
     {
         body.insert("language".into(), language.into());
     }
-    if !config.groups.is_empty() {
+    if config.group_mode == GroupMode::Replace && !config.groups.is_empty() {
         body.insert("groups".into(), json!(config.groups));
     }
     let fields: Map<String, Value> = config
@@ -262,8 +287,17 @@ async fn run(sink: Arc<Weni>, lane: Arc<Lane>) {
     let needs_prepare = sink.config.mode == WeniMode::Upsert;
     let concurrency = sink.config.common.concurrency;
     let rx = lane.receiver(concurrency * 2);
+    let (adds, adder) = match sink.adds_groups() {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::channel(groups::BATCH * 2);
+            let adder = groups::Adder::new(&sink.config, &lane);
+            (Some(tx), Some(tokio::spawn(adder.run(rx))))
+        }
+        false => (None, None),
+    };
     worker_pool(concurrency, rx, move |item: SinkItem| {
         let (sink, lane, prepared) = (sink.clone(), lane.clone(), prepared.clone());
+        let adds = adds.clone();
         async move {
             if lane.shutdown.is_stopping() {
                 lane.report_not_sent(vec![item.meta]);
@@ -276,10 +310,18 @@ async fn run(sink: Arc<Weni>, lane: Arc<Lane>) {
                     return;
                 }
             }
-            send(&sink, &lane, item).await;
+            send(&sink, &lane, item, adds.as_ref()).await;
         }
     })
     .await;
+    if let Some(adder) = adder {
+        // The workers' senders are gone with the pool: the adder flushes and ends.
+        if let Err(e) = adder.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 }
 
 fn auth(lane: &Lane) -> reqwest::header::HeaderValue {
@@ -300,7 +342,7 @@ async fn list_all(
             .uploader
             .execute(
                 |client| client.get(&url).header("authorization", auth(lane)),
-                |_| None,
+                |_, _| None,
             )
             .await;
         if finished.ended != Ended::Success {
@@ -351,6 +393,7 @@ fn same_origin(url: &str, base: &str) -> bool {
     origin(url).is_some() && origin(url) == origin(base)
 }
 
+/// The reason text of an ending.
 fn describe(ended: &Ended) -> String {
     match ended {
         Ended::Success => "ok".into(),
@@ -373,7 +416,7 @@ async fn create(lane: &Lane, url: &str, body: Value, what: &str) -> Result<(), P
                     .header("authorization", auth(lane))
                     .json(&body)
             },
-            |_| None,
+            |_, _| None,
         )
         .await;
     let text = String::from_utf8_lossy(&finished.body);
@@ -438,7 +481,20 @@ async fn prepare(sink: &Weni, lane: &Lane) -> Result<(), PrepareFailed> {
     Ok(())
 }
 
-async fn send(sink: &Weni, lane: &Lane, item: SinkItem) {
+/// 400 `URNs in use by other contacts`: a create lost a race with another
+/// write (API.md §1.3); transient, so retried like a 5xx.
+fn urn_race(status: u16, body: &[u8]) -> Option<Verdict> {
+    let text = String::from_utf8_lossy(body);
+    (status == 400 && text.contains("URNs in use by other contacts"))
+        .then(|| Verdict::Retry(super::http::error_text(status, body)))
+}
+
+async fn send(
+    sink: &Weni,
+    lane: &Lane,
+    item: SinkItem,
+    adds: Option<&tokio::sync::mpsc::Sender<groups::Upserted>>,
+) {
     let config = &sink.config;
     let url = format!("{}/api/v2/contacts.json", config.common.base_url);
     let urn = urn(config.urn_scheme, item.meta.phone);
@@ -457,7 +513,7 @@ async fn send(sink: &Weni, lane: &Lane, item: SinkItem) {
                             .header("authorization", auth(lane))
                             .json(body)
                     },
-                    |_| None,
+                    urn_race,
                 )
                 .await
         }
@@ -471,7 +527,7 @@ async fn send(sink: &Weni, lane: &Lane, item: SinkItem) {
                             .header("authorization", auth(lane))
                     },
                     // A missing contact is an answer, not an error: `not_found`.
-                    |status| (status == 404).then_some(Verdict::Success),
+                    |status, _| (status == 404).then_some(Verdict::Success),
                 )
                 .await
         }
@@ -482,5 +538,27 @@ async fn send(sink: &Weni, lane: &Lane, item: SinkItem) {
         (WeniMode::Delete, Some(404)) => Status::NotFound,
         (WeniMode::Delete, _) => Status::Deleted,
     };
+    if let (Some(adds), Ended::Success) = (adds, &finished.ended) {
+        // Reported (and recorded) once its group adds are done.
+        let uuid = serde_json::from_slice::<Value>(&finished.body)
+            .ok()
+            .and_then(|v| v["uuid"].as_str().map(str::to_owned));
+        let upserted = groups::Upserted {
+            meta: item.meta,
+            status: success,
+            finished,
+            uuid,
+        };
+        if let Err(lost) = adds.send(upserted).await {
+            let lost = lost.0;
+            lane.report(
+                vec![lost.meta],
+                Status::Failed,
+                Some(&lost.finished),
+                "upserted, but the group adder stopped",
+            );
+        }
+        return;
+    }
     lane.report_finished(vec![item.meta], &finished, success);
 }
