@@ -261,9 +261,12 @@ fn ctrl_c_finishes_requests_in_flight_flushes_state_and_report_and_exits_2() {
         .filter(|r| r["status"] == "created")
         .map(|r| r["row"].clone())
         .collect();
+    // A row is `created` once its upsert and its group add are done; rows
+    // upserted whose add had not gone out at the interrupt are `skipped` too.
+    let upserted = rig.log().weni.writes.len();
     assert!(
-        created.len() >= 20 && created.len() < 200,
-        "{} created",
+        !created.is_empty() && created.len() <= upserted && upserted < 200,
+        "{} created, {upserted} upserted",
         created.len()
     );
     for r in report.iter().filter(|r| r["status"] != "created") {
@@ -275,12 +278,15 @@ fn ctrl_c_finishes_requests_in_flight_flushes_state_and_report_and_exits_2() {
     let next = rig.run(&cfg, [TOKEN; 3]);
     assert_eq!(next.code, 0, "{}", next.stderr);
     for r in &next.report {
-        let expected = if created.contains(&r["row"]) {
-            "unchanged"
+        if created.contains(&r["row"]) {
+            assert_eq!(r["status"], "unchanged", "{r:?}");
         } else {
-            "created"
-        };
-        assert_eq!(r["status"], expected, "{r:?}");
+            // `updated` for a contact upserted before the interrupt but not yet in its group.
+            assert!(
+                r["status"] == "created" || r["status"] == "updated",
+                "{r:?}"
+            );
+        }
     }
     assert_eq!(
         next.log.weni.writes.len() - writes_before,

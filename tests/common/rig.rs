@@ -226,6 +226,7 @@ pub fn config(extra_chatfuel: &str, extra_weni: &str, extra_cloudhumans: &str) -
         ("groups", "[\"CRM import\"]"),
         ("fields", "{ plan = \"{plan}\", signup = \"{id}\" }"),
         ("field_types", "{ signup = \"numeric\" }"),
+        ("actions_rate", "\"2000/s\""),
     ]);
     let cloudhumans = with(&[
         ("account_id", "\"1\""),
