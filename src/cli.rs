@@ -156,7 +156,7 @@ impl SandboxArgs {
             seed: self.seed,
             ..SandboxOptions::default()
         };
-        for (name, platform) in options.platforms_mut() {
+        for (name, platform) in options.platforms.iter_mut() {
             *platform = PlatformOptions {
                 rate: self.rates.iter().find(|(n, _)| n == name).map(|(_, r)| *r),
                 ..faults_for(name)

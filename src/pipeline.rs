@@ -87,6 +87,12 @@ pub enum RunError {
     Sandbox(std::io::Error),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// Delivery was stopped because the run could not account for its rows
+    /// (the report or a spool could not be written): the message names it.
+    #[error(
+        "{0}; the requests in flight finished and the state was written, nothing else was sent"
+    )]
+    Stopped(String),
 }
 
 /// What the command line asked for, beyond the config file.
@@ -292,14 +298,38 @@ impl Run<'_> {
             ..ReadMeter::default()
         };
         let progress = Progress::start(self.options.progress, read.clone(), self.meters(&lanes));
+        let flowed = self.run_threads(
+            files,
+            &read,
+            lanes,
+            (report, report_tx, report_rx),
+            report_path,
+        );
+        progress.finish();
+        // Every sink is done: the last deliveries are committed before the run ends.
+        let state_result = state.map(|(writer, thread)| {
+            drop(writer);
+            thread.finish()
+        });
+        self.conclude(flowed, state_result, report_path)
+    }
+
+    /// The report thread, the reader and normalizers, the merger, and the
+    /// lanes' deliveries; returns when every row is accounted for.
+    fn run_threads(
+        &self,
+        files: &[source::InputFile],
+        read: &ReadMeter,
+        lanes: Vec<LaneOf>,
+        (report, report_tx, report_rx): (Report, Sender<ReportMsg>, Receiver<ReportMsg>),
+        report_path: &Path,
+    ) -> Flowed {
         // Every lane delivers at its own pace from the start, while rows are still being read.
         let deliveries: Vec<_> = lanes
             .iter()
             .map(|(lane, sink)| self.runtime.spawn(sink.clone().deliver(lane.clone())))
             .collect();
-        let flowed = std::thread::scope(|scope| {
-            // Owned here: the lanes' report senders must be gone before the report thread can end.
-            let lanes = lanes;
+        std::thread::scope(|scope| {
             let shutdown = self.shutdown.clone();
             let report_thread = scope.spawn(move || {
                 let counts = write_report(report, self.stages, self.options.dry_run, report_rx);
@@ -308,13 +338,14 @@ impl Run<'_> {
                 }
                 counts
             });
-            let (merged, input_rows) = self.read_and_merge(scope, files, &read, &lanes, &report_tx);
+            let (merged, input_rows) = self.read_and_merge(scope, files, read, &lanes, &report_tx);
             drop(report_tx);
             self.finish_lanes(&lanes, deliveries, &merged);
             let sinks = lanes
                 .iter()
                 .map(|(lane, sink)| summarize(lane, sink.as_ref()))
                 .collect();
+            // The lanes' report senders must be gone before the report thread can end.
             drop(lanes);
             let counts = report_thread.join().unwrap_or_else(|_| {
                 Err(ReportError {
@@ -328,29 +359,26 @@ impl Run<'_> {
                 counts,
                 sinks,
             }
-        });
-        progress.finish();
-        // Every sink is done: the last deliveries are committed before the run ends.
-        let state_result = state.map(|(writer, thread)| {
-            drop(writer);
-            thread.finish()
-        });
+        })
+    }
+
+    /// The outcome of a run whose threads are done, or why it could not be done.
+    fn conclude(
+        &self,
+        flowed: Flowed,
+        state_result: Option<Result<u64, StateError>>,
+        report_path: &Path,
+    ) -> Result<RunOutcome, RunError> {
         let (plans, unique_phones) = flowed.merged?;
         let counts = flowed.counts?;
         if let Some(result) = state_result {
             result?;
         }
         let interrupted = match self.shutdown.reason() {
-            Some(StopReason::Failure(why)) => {
-                return Err(RunError::Report(ReportError {
-                    path: report_path.to_owned(),
-                    message: why.clone(),
-                }));
-            }
-            other => other.map(|r| match r {
-                StopReason::Signal(name) => format!("{name} received"),
-                _ => "--max-duration reached".to_owned(),
-            }),
+            Some(StopReason::Failure(why)) => return Err(RunError::Stopped(why.clone())),
+            Some(StopReason::Signal(name)) => Some(format!("{name} received")),
+            Some(StopReason::TimeLimit(_)) => Some("--max-duration reached".to_owned()),
+            None => None,
         };
         Ok(RunOutcome {
             counts,

@@ -20,8 +20,8 @@ fn urn_of(i: usize) -> String {
 }
 
 fn groups_of(log: &SandboxLog, urn: &str) -> Vec<String> {
-    let contact = log
-        .weni
+    let weni = log.weni();
+    let contact = weni
         .contacts
         .iter()
         .find(|c| c.urns.iter().any(|u| u == urn))
@@ -63,8 +63,8 @@ fn weni_adds_to_groups_without_touching_other_memberships() {
     let mut vip = groups_of(&run.log, &urn_of(0));
     vip.sort();
     assert_eq!(vip, ["CRM import", "VIP"], "the VIP membership is kept");
-    assert!(run.log.weni.writes.iter().all(|w| !w.groups_in_body));
-    let actions = &run.log.weni.actions;
+    assert!(run.log.weni().writes.iter().all(|w| !w.groups_in_body));
+    let actions = &run.log.weni().actions;
     assert!(
         actions.len() >= 3,
         "{} contact_actions requests",
@@ -134,8 +134,8 @@ fn weni_replace_mode_sends_groups_in_the_upsert() {
     rig.input(&phones(3));
     let run = rig.run(&only_weni("group_mode = \"replace\""), [TOKEN; 3]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.log.weni.writes.iter().all(|w| w.groups_in_body));
-    assert!(run.log.weni.actions.is_empty());
+    assert!(run.log.weni().writes.iter().all(|w| w.groups_in_body));
+    assert!(run.log.weni().actions.is_empty());
     assert_eq!(groups_of(&run.log, &urn_of(0)), ["CRM import"]);
 }
 
@@ -150,7 +150,7 @@ fn kill_9_between_upserts_and_group_adds_is_completed_by_the_next_run() {
     let slow = only_weni("actions_rate = \"1/h\"");
     let mut child = rig.spawn(&slow, "killed.csv");
     assert!(rig.wait_until(Duration::from_secs(60), |log| {
-        log.weni.writes.len() == 150 && log.weni.actions.len() == 1
+        log.weni().writes.len() == 150 && log.weni().actions.len() == 1
     }));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -243,7 +243,7 @@ fn weni_urn_races_are_retried_and_the_contacts_end_created() {
     );
     let races = run
         .log
-        .weni
+        .weni()
         .writes
         .iter()
         .filter(|w| w.status == 400)

@@ -22,7 +22,7 @@ fn times_messaged(rig: &Rig) -> HashMap<String, usize> {
 #[test]
 fn fast_sinks_finish_at_their_own_pace_while_weni_is_throttled() {
     let mut options = sandbox_options();
-    options.weni.rate = Some(Rate::parse("10/s").unwrap());
+    options.platform_mut("weni").rate = Some(Rate::parse("10/s").unwrap());
     let rig = Rig::new(options);
     let n = rig.input(&phones(1000));
     let cfg = config(
@@ -35,8 +35,8 @@ fn fast_sinks_finish_at_their_own_pace_while_weni_is_throttled() {
     assert_invariant(&run.report, &SINKS, &[("in.csv", n)]);
 
     // Plans: Chatfuel 1000 phones / 50 = 20 requests at 5/s; CloudHumans 1000 at 100/s.
-    let chatfuel = &run.log.chatfuel.requests;
-    let messages = &run.log.cloudhumans.messages;
+    let chatfuel = &run.log.chatfuel().requests;
+    let messages = &run.log.cloudhumans().messages;
     assert_eq!(chatfuel.iter().map(|r| r.phones.len()).sum::<usize>(), 1000);
     assert_eq!(messages.len(), 1000);
     let span = |first: u64, last: u64| Duration::from_millis(last - first);
@@ -58,7 +58,7 @@ fn fast_sinks_finish_at_their_own_pace_while_weni_is_throttled() {
         .max(messages[messages.len() - 1].at_ms);
     let weni_later = run
         .log
-        .weni
+        .weni()
         .writes
         .iter()
         .filter(|w| w.at_ms > done_at)
@@ -110,11 +110,11 @@ fn max_duration_stops_in_time_and_the_next_run_sends_exactly_the_rest() {
         first.stderr
     );
 
-    let weni_before = rig.log().weni.writes.len();
+    let weni_before = rig.log().weni().writes.len();
     let second = rig.run(&cfg, [TOKEN; 3]);
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert_eq!(
-        second.log.weni.writes.len() - weni_before,
+        second.log.weni().writes.len() - weni_before,
         200 - delivered["weni"]
     );
     let messaged = times_messaged(&rig);
@@ -133,7 +133,7 @@ fn a_second_run_on_a_held_state_exits_1_and_kill_9_releases_the_lock() {
     rig.input(&phones(200));
     let cfg = config("enabled = false", "rate = \"20/s\"", "enabled = false");
     let mut holder = rig.spawn(&cfg, "holder.csv");
-    assert!(rig.wait_until(Duration::from_secs(30), |log| log.weni.writes.len() >= 5));
+    assert!(rig.wait_until(Duration::from_secs(30), |log| log.weni().writes.len() >= 5));
 
     let started = Instant::now();
     let second = rig.command_for(&cfg, &[], "second.csv").output().unwrap();
@@ -149,12 +149,12 @@ fn a_second_run_on_a_held_state_exits_1_and_kill_9_releases_the_lock() {
 
     holder.kill().unwrap(); // SIGKILL
     holder.wait().unwrap();
-    let writes_at_kill = rig.log().weni.writes.len();
+    let writes_at_kill = rig.log().weni().writes.len();
     let third = rig.run(&cfg, [TOKEN; 3]);
     assert_ne!(third.code, 1, "{}", third.stderr);
     assert!(!third.stderr.contains("in use"), "{}", third.stderr);
     assert!(
-        rig.log().weni.writes.len() > writes_at_kill,
+        rig.log().weni().writes.len() > writes_at_kill,
         "the new run sent"
     );
     assert_eq!(
@@ -173,7 +173,7 @@ fn sigterm_mid_run_stops_gracefully_and_the_rerun_never_messages_twice() {
     let n = rig.input(&phones(200));
     let cfg = config("", "rate = \"50/s\"", "rate = \"50/s\"");
     let child = rig.spawn_args(&cfg, &[], "term.csv");
-    assert!(rig.wait_until(Duration::from_secs(30), |log| log.weni.writes.len() >= 20));
+    assert!(rig.wait_until(Duration::from_secs(30), |log| log.weni().writes.len() >= 20));
     let sent = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -35,7 +35,7 @@ fn sandbox_rehearsal_never_touches_the_configured_state() {
     assert!(!rig.path("crm-import-state.db").exists());
     assert!(rig.path("crm-import-state.db.sandbox.db").exists());
     assert!(
-        rig.log().cloudhumans.messages.is_empty(),
+        rig.log().cloudhumans().messages.is_empty(),
         "the rehearsal used its own fakes"
     );
 
@@ -173,13 +173,17 @@ fn a_token_that_cannot_form_a_header_exits_1_naming_the_variable() {
 fn hostile_retry_after_values_mean_backoff_and_every_row_arrives() {
     for value in ["inf", "1e300", "-5", "abc", "Wed, 21 Oct 2015 07:28:00 GMT"] {
         let mut options = sandbox_options();
-        options.cloudhumans.retry_after = Some((value.into(), 1));
+        options.platform_mut("cloudhumans").retry_after = Some((value.into(), 1));
         let rig = Rig::new(options);
         let n = rig.input(&phones(5));
         let run = rig.run(&only_cloudhumans(), [TOKEN; 3]);
         assert_eq!(run.code, 0, "Retry-After {value}: {}", run.stderr);
         assert_invariant(&run.report, &["cloudhumans"], &[("in.csv", n)]);
-        assert_eq!(run.log.cloudhumans.messages.len(), 5, "Retry-After {value}");
+        assert_eq!(
+            run.log.cloudhumans().messages.len(),
+            5,
+            "Retry-After {value}"
+        );
         assert_eq!(run.log.stats["cloudhumans"].throttled, 1);
     }
 }
@@ -189,7 +193,7 @@ fn hostile_retry_after_values_mean_backoff_and_every_row_arrives() {
 #[test]
 fn an_hour_long_retry_after_is_cut_short_by_a_signal() {
     let mut options = sandbox_options();
-    options.weni.retry_after = Some(("3600".into(), u64::MAX));
+    options.platform_mut("weni").retry_after = Some(("3600".into(), u64::MAX));
     let rig = Rig::new(options);
     let n = rig.input(&phones(10));
     let cfg = config("enabled = false", "", "enabled = false");
@@ -229,9 +233,9 @@ fn a_307_to_another_port_is_rejected_and_that_port_receives_nothing() {
     let elsewhere = Rig::new(sandbox_options());
     let mut options = sandbox_options();
     let target = format!("{}/somewhere?token=x", elsewhere.url());
-    options.chatfuel.redirect_to = Some(target.clone());
-    options.weni.redirect_to = Some(target.clone());
-    options.cloudhumans.redirect_to = Some(target);
+    options.platform_mut("chatfuel").redirect_to = Some(target.clone());
+    options.platform_mut("weni").redirect_to = Some(target.clone());
+    options.platform_mut("cloudhumans").redirect_to = Some(target);
     let rig = Rig::new(options);
     let n = rig.input(&phones(6));
     let run = rig.run(&config("", "", ""), [TOKEN; 3]);
@@ -315,7 +319,7 @@ fn a_report_on_a_full_disk_stops_delivery_and_exits_1() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("full.csv"), "{stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");
-    let writes = rig.log().weni.writes.len();
+    let writes = rig.log().weni().writes.len();
     assert!(
         writes < 150,
         "{writes} contacts were sent after the report failed"
@@ -330,7 +334,7 @@ fn tokens_never_reach_reports_state_or_trace_logs() {
     let mut options = sandbox_options();
     options.token = secret.into();
     // Some refusals and retries, so error paths are logged too.
-    options.weni.faults.error_rate = 0.3;
+    options.platform_mut("weni").faults.error_rate = 0.3;
     let rig = Rig::new(options);
     rig.input(&phones(20));
     let cfg = config("", "", "");

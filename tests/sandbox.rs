@@ -51,9 +51,8 @@ fn clean_run_delivers_every_unique_phone_exactly_once_and_the_report_agrees() {
         );
     }
     // Weni: the field and group were created before the upserts, with the configured types.
-    let fields: BTreeMap<_, _> = out
-        .log
-        .weni
+    let weni = out.log.weni();
+    let fields: BTreeMap<_, _> = weni
         .fields
         .iter()
         .map(|f| (f.key.as_str(), f.value_type.as_str()))
@@ -62,10 +61,8 @@ fn clean_run_delivers_every_unique_phone_exactly_once_and_the_report_agrees() {
         fields,
         BTreeMap::from([("plan", "text"), ("signup", "numeric")])
     );
-    assert_eq!(out.log.weni.groups.len(), 1);
-    let first = out
-        .log
-        .weni
+    assert_eq!(out.log.weni().groups.len(), 1);
+    let first = weni
         .contacts
         .iter()
         .find(|c| c.urns == ["whatsapp:5511960000000"])
@@ -74,7 +71,7 @@ fn clean_run_delivers_every_unique_phone_exactly_once_and_the_report_agrees() {
     assert_eq!(first.fields.get("plan").map(String::as_str), Some("gold"));
     assert_eq!(first.language.as_deref(), Some("por"));
     // CloudHumans: template variables at the root and buttons as button_param_N.
-    let m = &out.log.cloudhumans.messages[0];
+    let m = &out.log.cloudhumans().messages[0];
     assert_eq!(m.template_name, "welcome_v2");
     assert!(
         m.extra.contains_key("name") && m.extra.contains_key("button_param_0"),
@@ -99,7 +96,7 @@ fn rerun_updates_weni_contacts_with_200() {
             .all(|r| r["status"] == "updated" && r["http_status"] == "200")
     );
     assert_eq!(
-        second.log.weni.contacts.len(),
+        second.log.weni().contacts.len(),
         20,
         "upsert by URN creates no duplicates"
     );
@@ -114,17 +111,13 @@ fn faults_and_429_storms_lose_nothing_and_never_message_twice() {
         ..Faults::default()
     };
     let mut options = sandbox_options();
-    for platform in [
-        &mut options.chatfuel,
-        &mut options.weni,
-        &mut options.cloudhumans,
-    ] {
+    for platform in options.platforms.values_mut() {
         platform.faults = faults.clone();
     }
     // Throttles well below the client's rate: 429 storms on every platform.
-    options.chatfuel.rate = Some(Rate::parse("20/s").unwrap());
-    options.weni.rate = Some(Rate::parse("150/s").unwrap());
-    options.cloudhumans.rate = Some(Rate::parse("150/s").unwrap());
+    options.platform_mut("chatfuel").rate = Some(Rate::parse("20/s").unwrap());
+    options.platform_mut("weni").rate = Some(Rate::parse("150/s").unwrap());
+    options.platform_mut("cloudhumans").rate = Some(Rate::parse("150/s").unwrap());
     let rig = Rig::new(options);
     let n = rig.input(&phones(400));
     // Small Chatfuel batches so that Chatfuel makes enough requests to meet faults.
@@ -194,7 +187,7 @@ fn refused_auth_stops_only_its_sink() {
             .all(|r| r["status"] == "rejected" || r["status"] == "skipped"),
         "the rest of the sink is skipped"
     );
-    assert!(out.log.chatfuel.requests.is_empty());
+    assert!(out.log.chatfuel().requests.is_empty());
     assert_eq!(
         out.log.stats["chatfuel"].requests, 1,
         "stopped at once, not burning through the file"
@@ -243,7 +236,7 @@ fn platform_refusals_end_rejected_with_the_api_message() {
             r["detail"]
         );
     }
-    assert!(out.log.cloudhumans.messages.is_empty());
+    assert!(out.log.cloudhumans().messages.is_empty());
 }
 
 #[test]
@@ -261,7 +254,7 @@ fn chatfuel_batches_are_capped_at_1000_and_grouped_by_property_set() {
         [TOKEN; 3],
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let requests = &out.log.chatfuel.requests;
+    let requests = &out.log.chatfuel().requests;
     let (gold, silver) = (650, 1950);
     assert_eq!(requests.len(), 1 + 2, "ceil(650/1000) + ceil(1950/1000)");
     // Map each phone back to its plan through the report.
@@ -306,13 +299,13 @@ fn weni_delete_mode() {
     let missing: Vec<_> = weni.iter().filter(|r| r["status"] == "not_found").collect();
     assert_eq!(missing.len(), 1);
     assert_eq!(missing[0]["phone_e164"], "+5521988887777");
-    assert!(out.log.weni.contacts.iter().all(|c| !c.active));
+    assert!(out.log.weni().contacts.iter().all(|c| !c.active));
 }
 
 #[test]
 fn cloudhumans_timeout_after_sending_is_unknown_and_never_resent() {
     let mut options = sandbox_options();
-    options.cloudhumans.faults = Faults {
+    options.platform_mut("cloudhumans").faults = Faults {
         slow_rate: 1.0,
         slow_delay: Duration::from_secs(3),
         ..Faults::default()
@@ -331,12 +324,12 @@ fn cloudhumans_timeout_after_sending_is_unknown_and_never_resent() {
     }
     let phones: HashSet<_> = out
         .log
-        .cloudhumans
+        .cloudhumans()
         .messages
         .iter()
         .map(|m| m.phone_number.clone())
         .collect();
-    assert_eq!(out.log.cloudhumans.messages.len(), 6, "each applied once");
+    assert_eq!(out.log.cloudhumans().messages.len(), 6, "each applied once");
     assert_eq!(phones.len(), 6);
 }
 
@@ -378,8 +371,8 @@ fn weni_preparation_follows_pagination_and_creates_only_what_is_missing() {
         [TOKEN; 3],
     );
     assert_eq!(first.code, 0, "{}", first.stderr);
-    assert_eq!(first.log.weni.fields.len(), 3);
-    assert_eq!(first.log.weni.groups.len(), 2);
+    assert_eq!(first.log.weni().fields.len(), 3);
+    assert_eq!(first.log.weni().groups.len(), 2);
     let before = first.log.stats["weni"].requests;
     let second = rig.run_args(
         &config("enabled = false", weni, "enabled = false"),
@@ -390,10 +383,10 @@ fn weni_preparation_follows_pagination_and_creates_only_what_is_missing() {
     assert_invariant(&second.report, &["weni"], &[("in.csv", n)]);
     // One page per field (3) and per group (2), then the 4 upserts and their
     // group adds (contact_actions): nothing created again.
-    let adds = (second.log.weni.actions.len() - first.log.weni.actions.len()) as u64;
+    let adds = (second.log.weni().actions.len() - first.log.weni().actions.len()) as u64;
     assert!(adds >= 2, "both groups were added to");
     assert_eq!(second.log.stats["weni"].requests - before, 3 + 2 + n + adds);
-    assert_eq!(second.log.weni.fields.len(), 3);
+    assert_eq!(second.log.weni().fields.len(), 3);
 }
 
 #[test]
@@ -414,5 +407,5 @@ fn max_messages_sends_the_first_n_in_input_order_and_skips_the_rest() {
             assert_eq!(r["detail"], "max_messages (5) reached");
         }
     }
-    assert_eq!(out.log.cloudhumans.messages.len(), 5);
+    assert_eq!(out.log.cloudhumans().messages.len(), 5);
 }

@@ -197,8 +197,8 @@ fn weni_upsert_semantics_fields_and_groups() {
 #[test]
 fn throttles_answer_like_each_platform() {
     let mut o = options();
-    o.weni.rate = Rate::parse("2/min");
-    o.cloudhumans.rate = Rate::parse("2/min");
+    o.platform_mut("weni").rate = Rate::parse("2/min");
+    o.platform_mut("cloudhumans").rate = Rate::parse("2/min");
     let (rt, sandbox) = start(o);
     let base = sandbox.base_url();
     rt.block_on(async {
@@ -244,7 +244,7 @@ fn throttles_answer_like_each_platform() {
         assert_eq!(headers["content-type"], "text/plain");
     });
     assert_eq!(
-        sandbox.log().cloudhumans.messages.len(),
+        sandbox.log().cloudhumans().messages.len(),
         2,
         "every accepted call is one message"
     );

@@ -42,8 +42,8 @@ fn an_unchanged_rerun_sends_nothing_and_a_1_percent_change_sends_exactly_that() 
         rows[i].1 = "platinum".into();
     }
     rig.input(&rows);
-    let chatfuel_before = second.log.chatfuel.requests.len();
-    let weni_writes_before = second.log.weni.writes.len();
+    let chatfuel_before = second.log.chatfuel().requests.len();
+    let weni_writes_before = second.log.weni().writes.len();
     let third = rig.run(&config("", "", ""), [TOKEN; 3]);
     assert_eq!(third.code, 0, "{}", third.stderr);
     assert_invariant(&third.report, &SINKS, &[("in.csv", n)]);
@@ -56,14 +56,14 @@ fn an_unchanged_rerun_sends_nothing_and_a_1_percent_change_sends_exactly_that() 
         };
         assert_eq!(r["status"], expected, "{r:?}");
     }
-    let new_chatfuel = &third.log.chatfuel.requests[chatfuel_before..];
+    let new_chatfuel = &third.log.chatfuel().requests[chatfuel_before..];
     assert_eq!(
         new_chatfuel.len(),
         1,
         "the changed rows are batched together"
     );
     assert_eq!(new_chatfuel[0].phones.len(), 3);
-    assert_eq!(third.log.weni.writes.len() - weni_writes_before, 3);
+    assert_eq!(third.log.weni().writes.len() - weni_writes_before, 3);
 }
 
 #[test]
@@ -84,7 +84,7 @@ fn full_and_resend_flags_and_dry_run_reading_the_state() {
     );
 
     // --full resends to Chatfuel and Weni, never to CloudHumans.
-    let messages = rig.log().cloudhumans.messages.len();
+    let messages = rig.log().cloudhumans().messages.len();
     let full = rig.run_args(&config("", "", ""), [TOKEN; 3], &["--full"]);
     assert_eq!(full.code, 0, "{}", full.stderr);
     assert_invariant(&full.report, &SINKS, &[("in.csv", n)]);
@@ -96,12 +96,12 @@ fn full_and_resend_flags_and_dry_run_reading_the_state() {
         };
         assert_eq!(r["status"], expected);
     }
-    assert_eq!(full.log.cloudhumans.messages.len(), messages);
+    assert_eq!(full.log.cloudhumans().messages.len(), messages);
 
     // --resend-messages sends the templates again.
     let again = rig.run_args(&config("", "", ""), [TOKEN; 3], &["--resend-messages"]);
     assert_eq!(again.code, 0, "{}", again.stderr);
-    assert_eq!(again.log.cloudhumans.messages.len(), messages + 20);
+    assert_eq!(again.log.cloudhumans().messages.len(), messages + 20);
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn a_message_in_flight_at_a_crash_ends_unknown_and_is_not_resent() {
     // CloudHumans applies each message, then answers only after 30 s: we kill the
     // run while its requests hang, after their effect.
     let mut options = sandbox_options();
-    options.cloudhumans.faults = Faults {
+    options.platform_mut("cloudhumans").faults = Faults {
         slow_rate: 1.0,
         slow_delay: Duration::from_secs(30),
         ..Faults::default()
@@ -143,13 +143,13 @@ fn a_message_in_flight_at_a_crash_ends_unknown_and_is_not_resent() {
     let mut child = rig.spawn(&cfg, "killed.csv");
     assert!(rig.wait_until(
         Duration::from_secs(30),
-        |log| log.cloudhumans.messages.len() >= 3
+        |log| log.cloudhumans().messages.len() >= 3
     ));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let hung: HashSet<String> = rig
         .log()
-        .cloudhumans
+        .cloudhumans()
         .messages
         .iter()
         .map(|m| m.phone_number.clone())
@@ -176,7 +176,7 @@ fn a_message_in_flight_at_a_crash_ends_unknown_and_is_not_resent() {
 
 fn times_messaged(rig: &Rig) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
-    for m in rig.log().cloudhumans.messages {
+    for m in rig.log().cloudhumans().messages {
         *counts.entry(m.phone_number).or_insert(0) += 1;
     }
     counts
@@ -185,11 +185,7 @@ fn times_messaged(rig: &Rig) -> HashMap<String, usize> {
 #[test]
 fn kill_9_at_several_moments_then_rerun_loses_nothing_and_never_messages_twice() {
     let mut options = sandbox_options();
-    for platform in [
-        &mut options.chatfuel,
-        &mut options.weni,
-        &mut options.cloudhumans,
-    ] {
+    for platform in options.platforms.values_mut() {
         platform.faults.latency = Duration::from_millis(3);
     }
     let rig = Rig::new(options);
@@ -206,7 +202,7 @@ fn kill_9_at_several_moments_then_rerun_loses_nothing_and_never_messages_twice()
         let name = format!("killed-{i}.csv");
         let mut child = rig.spawn(&cfg, &name);
         let reached = rig.wait_until(Duration::from_secs(60), |log| {
-            log.cloudhumans.messages.len() >= threshold
+            log.cloudhumans().messages.len() >= threshold
         });
         child.kill().unwrap();
         child.wait().unwrap();
@@ -245,7 +241,7 @@ fn ctrl_c_finishes_requests_in_flight_flushes_state_and_report_and_exits_2() {
     // Weni at 50/s: about four seconds of sending, interrupted after 20 contacts.
     let cfg = config("enabled = false", "rate = \"50/s\"", "enabled = false");
     let mut child = rig.spawn(&cfg, "interrupted.csv");
-    assert!(rig.wait_until(Duration::from_secs(30), |log| log.weni.writes.len() >= 20));
+    assert!(rig.wait_until(Duration::from_secs(30), |log| log.weni().writes.len() >= 20));
     let sent = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -263,7 +259,7 @@ fn ctrl_c_finishes_requests_in_flight_flushes_state_and_report_and_exits_2() {
         .collect();
     // A row is `created` once its upsert and its group add are done; rows
     // upserted whose add had not gone out at the interrupt are `skipped` too.
-    let upserted = rig.log().weni.writes.len();
+    let upserted = rig.log().weni().writes.len();
     assert!(
         !created.is_empty() && created.len() <= upserted && upserted < 200,
         "{} created, {upserted} upserted",
@@ -274,7 +270,7 @@ fn ctrl_c_finishes_requests_in_flight_flushes_state_and_report_and_exits_2() {
         assert!(r["detail"].contains("interrupted"), "{}", r["detail"]);
     }
     // The state holds what was delivered: the next run sends only the rest.
-    let writes_before = rig.log().weni.writes.len();
+    let writes_before = rig.log().weni().writes.len();
     let next = rig.run(&cfg, [TOKEN; 3]);
     assert_eq!(next.code, 0, "{}", next.stderr);
     for r in &next.report {
@@ -289,7 +285,7 @@ fn ctrl_c_finishes_requests_in_flight_flushes_state_and_report_and_exits_2() {
         }
     }
     assert_eq!(
-        next.log.weni.writes.len() - writes_before,
+        next.log.weni().writes.len() - writes_before,
         200 - created.len()
     );
 }

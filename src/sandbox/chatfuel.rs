@@ -20,7 +20,7 @@ use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{ConnKill, FixedWindow, Platform, SandboxOptions, Shared};
+use super::{ConnKill, Fake, FixedWindow, SandboxLog, SandboxOptions, Shared};
 
 /// Largest batch the API takes.
 pub const MAX_PHONES: usize = 1000;
@@ -59,7 +59,7 @@ pub(crate) struct ChatfuelState {
 impl ChatfuelState {
     pub(crate) fn new(options: &SandboxOptions) -> ChatfuelState {
         ChatfuelState {
-            throttle: options.chatfuel.rate.map(FixedWindow::new),
+            throttle: options.platform(NAME).rate.map(FixedWindow::new),
             automations: options.chatfuel_automations.clone(),
             refused: options.chatfuel_refused_phones.clone(),
             log: ChatfuelLog::default(),
@@ -69,6 +69,52 @@ impl ChatfuelState {
     pub(crate) fn log(&self) -> ChatfuelLog {
         self.log.clone()
     }
+}
+
+/// This fake's name (the platform's).
+const NAME: &str = "chatfuel";
+
+/// The sandbox's registry entry.
+pub(crate) const FAKE: Fake = Fake {
+    name: NAME,
+    state: |options| Box::new(std::sync::Mutex::new(ChatfuelState::new(options))),
+    routes,
+    log: |shared| {
+        let log = shared
+            .state::<ChatfuelState>()
+            .lock()
+            .map(|s| s.log())
+            .unwrap_or_default();
+        serde_json::to_value(log).unwrap_or_default()
+    },
+    summary,
+    server_error,
+};
+
+impl SandboxLog {
+    /// What the Chatfuel fake received and applied.
+    pub fn chatfuel(&self) -> ChatfuelLog {
+        self.platform(NAME)
+    }
+}
+
+fn summary(log: &SandboxLog) -> String {
+    let log = log.chatfuel();
+    format!(
+        "chatfuel {} request(s) for {} phone(s)",
+        log.requests.len(),
+        log.requests.iter().map(|r| r.phones.len()).sum::<usize>()
+    )
+}
+
+/// Chatfuel's own 500.
+fn server_error() -> Response<Body> {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [("content-type", "application/json")],
+        r#"{"code":500,"message":"HTTP 500 Internal Server Error"}"#,
+    )
+        .into_response()
 }
 
 pub(crate) fn routes() -> Router<Arc<Shared>> {
@@ -100,16 +146,20 @@ async fn create_contacts(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response<Body> {
-    if let Some(response) = shared.before(Platform::Chatfuel, &kill).await {
+    if let Some(response) = shared.before(NAME, &kill).await {
         return response;
     }
-    let throttled = shared.chatfuel.lock().ok().and_then(|mut s| {
-        s.throttle
-            .as_mut()
-            .and_then(|t| t.check("automation").err())
-    });
+    let throttled = shared
+        .state::<ChatfuelState>()
+        .lock()
+        .ok()
+        .and_then(|mut s| {
+            s.throttle
+                .as_mut()
+                .and_then(|t| t.check("automation").err())
+        });
     if let Some(wait) = throttled {
-        shared.throttled(Platform::Chatfuel);
+        shared.throttled(NAME);
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [("retry-after", wait.to_string())],
@@ -122,11 +172,11 @@ async fn create_contacts(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let response = apply(&shared, &automation_id, &body);
-    shared.after(Platform::Chatfuel, &kill, response).await
+    shared.after(NAME, &kill, response).await
 }
 
 fn apply(shared: &Shared, automation_id: &str, body: &[u8]) -> Response<Body> {
-    let Ok(mut state) = shared.chatfuel.lock() else {
+    let Ok(mut state) = shared.state::<ChatfuelState>().lock() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let known = if state.automations.is_empty() {

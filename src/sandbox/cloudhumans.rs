@@ -22,7 +22,7 @@ use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{ConnKill, FixedWindow, Platform, SandboxOptions, Shared};
+use super::{ConnKill, Fake, FixedWindow, SandboxLog, SandboxOptions, Shared};
 
 /// One template message the fake "sent".
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,7 +54,7 @@ pub(crate) struct CloudHumansState {
 impl CloudHumansState {
     pub(crate) fn new(options: &SandboxOptions) -> CloudHumansState {
         CloudHumansState {
-            throttle: options.cloudhumans.rate.map(FixedWindow::new),
+            throttle: options.platform(NAME).rate.map(FixedWindow::new),
             accounts: options.cloudhumans_accounts.clone(),
             templates: options.cloudhumans_templates.clone(),
             next_conversation: HashMap::new(),
@@ -65,6 +65,48 @@ impl CloudHumansState {
     pub(crate) fn log(&self) -> CloudHumansLog {
         self.log.clone()
     }
+}
+
+/// This fake's name (the platform's).
+const NAME: &str = "cloudhumans";
+
+/// The sandbox's registry entry.
+pub(crate) const FAKE: Fake = Fake {
+    name: NAME,
+    state: |options| Box::new(std::sync::Mutex::new(CloudHumansState::new(options))),
+    routes,
+    log: |shared| {
+        let log = shared
+            .state::<CloudHumansState>()
+            .lock()
+            .map(|s| s.log())
+            .unwrap_or_default();
+        serde_json::to_value(log).unwrap_or_default()
+    },
+    summary,
+    server_error,
+};
+
+impl SandboxLog {
+    /// What the CloudHumans fake received and applied.
+    pub fn cloudhumans(&self) -> CloudHumansLog {
+        self.platform(NAME)
+    }
+}
+
+fn summary(log: &SandboxLog) -> String {
+    let log = log.cloudhumans();
+    format!("cloudhumans {} message(s)", log.messages.len())
+}
+
+/// CloudHumans's own 500.
+fn server_error() -> Response<Body> {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [("content-type", "application/json")],
+        r#"{"status":500,"error":"Internal Server Error"}"#,
+    )
+        .into_response()
 }
 
 pub(crate) fn routes() -> Router<Arc<Shared>> {
@@ -104,17 +146,17 @@ async fn create_proactive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response<Body> {
-    if let Some(response) = shared.before(Platform::CloudHumans, &kill).await {
+    if let Some(response) = shared.before(NAME, &kill).await {
         return response;
     }
     // rack-attack runs before the app: every client is 127.0.0.1 here, one bucket.
     let throttled = shared
-        .cloudhumans
+        .state::<CloudHumansState>()
         .lock()
         .ok()
         .and_then(|mut s| s.throttle.as_mut().and_then(|t| t.check("127.0.0.1").err()));
     if throttled.is_some() {
-        shared.throttled(Platform::CloudHumans);
+        shared.throttled(NAME);
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [("content-type", "text/plain")],
@@ -142,11 +184,11 @@ async fn create_proactive(
         Some(_) => {}
     }
     let response = apply(&shared, &account_id, &body);
-    shared.after(Platform::CloudHumans, &kill, response).await
+    shared.after(NAME, &kill, response).await
 }
 
 fn apply(shared: &Shared, account_id: &str, body: &[u8]) -> Response<Body> {
-    let Ok(mut state) = shared.cloudhumans.lock() else {
+    let Ok(mut state) = shared.state::<CloudHumansState>().lock() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let not_found = || {

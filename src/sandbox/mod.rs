@@ -17,6 +17,7 @@
 //! handler can drop its connection without answering: hyper has no response
 //! for "close the socket now", and that is exactly the fault we must inject.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,28 @@ use crate::config::Rate;
 pub mod chatfuel;
 pub mod cloudhumans;
 pub mod weni;
+
+/// Every fake, in report order. The only place that lists them.
+const FAKES: &[Fake] = &[chatfuel::FAKE, weni::FAKE, cloudhumans::FAKE];
+
+/// One platform's fake, as the sandbox drives it without knowing which exist.
+pub struct Fake {
+    /// The platform's name (as in `[sinks.<name>]`).
+    pub name: &'static str,
+    /// Builds its state (a `Mutex<State>`, kept type-erased in [`Shared`]).
+    pub state: fn(&SandboxOptions) -> Box<dyn Any + Send + Sync>,
+    pub routes: fn() -> Router<Arc<Shared>>,
+    /// Its log (what it received and applied), as JSON.
+    pub log: fn(&Shared) -> serde_json::Value,
+    /// One line of what it received, for a run's summary.
+    pub summary: fn(&SandboxLog) -> String,
+    /// Its 500 answer (each platform's own shape).
+    pub server_error: fn() -> Response<Body>,
+}
+
+fn fake(name: &str) -> Option<&'static Fake> {
+    FAKES.iter().find(|f| f.name == name)
+}
 
 /// The token every fake accepts unless told otherwise (`run --sandbox` uses it).
 pub const SANDBOX_TOKEN: &str = "sandbox-token";
@@ -74,11 +97,10 @@ pub struct PlatformOptions {
 /// Everything the sandbox can be told.
 #[derive(Clone, Debug)]
 pub struct SandboxOptions {
-    /// Accepted token, for all three platforms.
+    /// Accepted token, for every platform.
     pub token: String,
-    pub chatfuel: PlatformOptions,
-    pub weni: PlatformOptions,
-    pub cloudhumans: PlatformOptions,
+    /// Each fake's throttle, faults and hostile answers, by platform name.
+    pub platforms: BTreeMap<String, PlatformOptions>,
     /// Weni: page size of GET lists (DRF default 250).
     pub page_size: usize,
     /// Weni: the org's `verify_ninth_digit` switch (API.md §1.3).
@@ -92,7 +114,7 @@ pub struct SandboxOptions {
     /// Chatfuel: phones refused (400 naming the first; the batch is not applied).
     pub chatfuel_refused_phones: Vec<String>,
     /// Weni: contacts (blocked or not, in groups) that exist before the run.
-    pub weni_seed: Vec<weni::SeedContact>,
+    pub weni_seed: Vec<SeedContact>,
     /// Weni: the first N upserts that would create a contact lose a race:
     /// 400 `{"error": "URNs in use by other contacts"}`, nothing applied.
     pub weni_urn_races: u64,
@@ -100,14 +122,17 @@ pub struct SandboxOptions {
     pub seed: u64,
 }
 
+pub use weni::SeedContact;
+
 impl SandboxOptions {
-    /// Each fake's options, by platform name.
-    pub fn platforms_mut(&mut self) -> [(&'static str, &mut PlatformOptions); 3] {
-        [
-            ("chatfuel", &mut self.chatfuel),
-            ("weni", &mut self.weni),
-            ("cloudhumans", &mut self.cloudhumans),
-        ]
+    /// The options of the fake `name` (defaults if never set).
+    pub fn platform(&self, name: &str) -> PlatformOptions {
+        self.platforms.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The options of the fake `name`, to change them.
+    pub fn platform_mut(&mut self, name: &str) -> &mut PlatformOptions {
+        self.platforms.entry(name.to_owned()).or_default()
     }
 }
 
@@ -115,9 +140,10 @@ impl Default for SandboxOptions {
     fn default() -> Self {
         SandboxOptions {
             token: SANDBOX_TOKEN.to_owned(),
-            chatfuel: PlatformOptions::default(),
-            weni: PlatformOptions::default(),
-            cloudhumans: PlatformOptions::default(),
+            platforms: FAKES
+                .iter()
+                .map(|f| (f.name.to_owned(), PlatformOptions::default()))
+                .collect(),
             page_size: 250,
             weni_verify_ninth_digit: false,
             cloudhumans_accounts: HashMap::new(),
@@ -143,39 +169,29 @@ pub struct Stats {
 }
 
 /// What the fakes received and applied.
+/// Each fake's log under its platform's name (typed accessors are in each
+/// fake's file, e.g. `log.weni()`), plus request counters per platform.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct SandboxLog {
-    pub chatfuel: chatfuel::ChatfuelLog,
-    pub weni: weni::WeniLog,
-    pub cloudhumans: cloudhumans::CloudHumansLog,
+    #[serde(flatten)]
+    pub platforms: BTreeMap<String, serde_json::Value>,
     pub stats: BTreeMap<String, Stats>,
 }
 
 impl SandboxLog {
+    /// The log of the fake `name`, typed (empty when it received nothing).
+    pub fn platform<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> T {
+        self.platforms
+            .get(name)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default()
+    }
+
     /// What was received, in one line for the run's summary.
     pub fn summary_line(&self) -> String {
-        format!(
-            "chatfuel {} request(s) for {} phone(s); weni {} contact(s), {} field(s), {} group(s); cloudhumans {} message(s)",
-            self.chatfuel.requests.len(),
-            self.chatfuel
-                .requests
-                .iter()
-                .map(|r| r.phones.len())
-                .sum::<usize>(),
-            self.weni.contacts.len(),
-            self.weni.fields.len(),
-            self.weni.groups.len(),
-            self.cloudhumans.messages.len()
-        )
+        let parts: Vec<String> = FAKES.iter().map(|f| (f.summary)(self)).collect();
+        parts.join("; ")
     }
-}
-
-/// Which fake.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Platform {
-    Chatfuel,
-    Weni,
-    CloudHumans,
 }
 
 /// State shared by every connection.
@@ -185,19 +201,27 @@ pub struct Shared {
     dice: AtomicU64,
     /// Hostile 429s answered so far (see [`PlatformOptions::retry_after`]).
     hostile_429s: AtomicU64,
-    stats: Mutex<HashMap<Platform, Stats>>,
-    pub(crate) chatfuel: Mutex<chatfuel::ChatfuelState>,
-    pub(crate) weni: Mutex<weni::WeniState>,
-    pub(crate) cloudhumans: Mutex<cloudhumans::CloudHumansState>,
+    stats: Mutex<HashMap<&'static str, Stats>>,
+    /// Each fake's `Mutex<State>`, found by type ([`Shared::state`]).
+    states: Vec<Box<dyn Any + Send + Sync>>,
+    /// Each fake's options, resolved once.
+    platforms: HashMap<&'static str, PlatformOptions>,
 }
 
 impl Shared {
-    fn platform(&self, p: Platform) -> &PlatformOptions {
-        match p {
-            Platform::Chatfuel => &self.options.chatfuel,
-            Platform::Weni => &self.options.weni,
-            Platform::CloudHumans => &self.options.cloudhumans,
-        }
+    fn platform(&self, p: &'static str) -> &PlatformOptions {
+        static NONE: std::sync::OnceLock<PlatformOptions> = std::sync::OnceLock::new();
+        self.platforms
+            .get(p)
+            .unwrap_or_else(|| NONE.get_or_init(PlatformOptions::default))
+    }
+
+    /// A fake's state: each fake keeps one `Mutex<T>`, built at start.
+    pub(crate) fn state<T: 'static>(&self) -> &Mutex<T> {
+        self.states
+            .iter()
+            .find_map(|s| s.downcast_ref::<Mutex<T>>())
+            .expect("every fake's state is built when the sandbox starts")
     }
 
     /// Milliseconds since the sandbox started (timestamps in the log).
@@ -217,14 +241,14 @@ impl Shared {
         (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn count(&self, p: Platform, f: impl FnOnce(&mut Stats)) {
+    fn count(&self, p: &'static str, f: impl FnOnce(&mut Stats)) {
         if let Ok(mut stats) = self.stats.lock() {
             f(stats.entry(p).or_default());
         }
     }
 
     /// Runs the pre-processing faults. `Some(response)` short-circuits the request.
-    pub(crate) async fn before(&self, p: Platform, kill: &ConnKill) -> Option<Response<Body>> {
+    pub(crate) async fn before(&self, p: &'static str, kill: &ConnKill) -> Option<Response<Body>> {
         self.count(p, |s| s.requests += 1);
         if let Some(hostile) = self.hostile_answer(p) {
             return Some(hostile);
@@ -239,13 +263,16 @@ impl Shared {
         }
         if faults.error_rate > 0.0 && self.roll() < faults.error_rate {
             self.count(p, |s| s.errors_500 += 1);
-            return Some(server_error(p));
+            return Some(fake(p).map_or_else(
+                || StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                |f| (f.server_error)(),
+            ));
         }
         None
     }
 
     /// A redirect, or a 429 with a hostile `Retry-After`, when configured.
-    fn hostile_answer(&self, p: Platform) -> Option<Response<Body>> {
+    fn hostile_answer(&self, p: &'static str) -> Option<Response<Body>> {
         let options = self.platform(p);
         if let Some(location) = &options.redirect_to {
             return Some(
@@ -276,7 +303,7 @@ impl Shared {
     /// Runs the post-effect faults, then lets `response` go.
     pub(crate) async fn after(
         &self,
-        p: Platform,
+        p: &'static str,
         kill: &ConnKill,
         response: Response<Body>,
     ) -> Response<Body> {
@@ -292,7 +319,7 @@ impl Shared {
         response
     }
 
-    pub(crate) fn throttled(&self, p: Platform) {
+    pub(crate) fn throttled(&self, p: &'static str) {
         self.count(p, |s| s.throttled += 1);
     }
 
@@ -303,47 +330,17 @@ impl Shared {
             .lock()
             .map(|s| {
                 s.iter()
-                    .map(|(p, st)| {
-                        let name = match p {
-                            Platform::Chatfuel => "chatfuel",
-                            Platform::Weni => "weni",
-                            Platform::CloudHumans => "cloudhumans",
-                        };
-                        (name.to_owned(), st.clone())
-                    })
+                    .map(|(p, st)| (p.to_string(), st.clone()))
                     .collect()
             })
             .unwrap_or_default();
         SandboxLog {
-            chatfuel: self.chatfuel.lock().map(|s| s.log()).unwrap_or_default(),
-            weni: self.weni.lock().map(|s| s.log()).unwrap_or_default(),
-            cloudhumans: self.cloudhumans.lock().map(|s| s.log()).unwrap_or_default(),
+            platforms: FAKES
+                .iter()
+                .map(|f| (f.name.to_owned(), (f.log)(self)))
+                .collect(),
             stats,
         }
-    }
-}
-
-/// Each platform's 500: Weni (Django) answers plain text; the others JSON.
-fn server_error(p: Platform) -> Response<Body> {
-    match p {
-        Platform::Weni => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "text/plain")],
-            "Server Error. Site administrators have been notified.",
-        )
-            .into_response(),
-        Platform::CloudHumans => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "application/json")],
-            r#"{"status":500,"error":"Internal Server Error"}"#,
-        )
-            .into_response(),
-        Platform::Chatfuel => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "application/json")],
-            r#"{"code":500,"message":"HTTP 500 Internal Server Error"}"#,
-        )
-            .into_response(),
     }
 }
 
@@ -456,9 +453,11 @@ impl Sandbox {
             hostile_429s: AtomicU64::new(0),
             started: Instant::now(),
             stats: Mutex::new(HashMap::new()),
-            chatfuel: Mutex::new(chatfuel::ChatfuelState::new(&options)),
-            weni: Mutex::new(weni::WeniState::new(&options)),
-            cloudhumans: Mutex::new(cloudhumans::CloudHumansState::new(&options)),
+            states: FAKES.iter().map(|f| (f.state)(&options)).collect(),
+            platforms: FAKES
+                .iter()
+                .map(|f| (f.name, options.platform(f.name)))
+                .collect(),
             options,
         });
         let router = router(shared.clone());
@@ -490,10 +489,10 @@ impl Drop for Sandbox {
 }
 
 fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .merge(chatfuel::routes())
-        .merge(weni::routes())
-        .merge(cloudhumans::routes())
+    let routes = FAKES
+        .iter()
+        .fold(Router::new(), |router, f| router.merge((f.routes)()));
+    routes
         .route(
             "/_sandbox/log",
             get(

@@ -33,7 +33,7 @@ use axum::routing::any;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{ConnKill, Platform, SandboxOptions, Shared, SlidingWindow};
+use super::{ConnKill, Fake, SandboxLog, SandboxOptions, Shared, SlidingWindow};
 
 /// Per-org caps (`ORG_LIMIT_DEFAULTS`).
 const MAX_FIELDS: usize = 250;
@@ -159,7 +159,7 @@ impl WeniState {
         WeniState {
             actions: Vec::new(),
             races_left: options.weni_urn_races,
-            throttle: options.weni.rate.map(SlidingWindow::new),
+            throttle: options.platform(NAME).rate.map(SlidingWindow::new),
             page_size: options.page_size.max(1),
             verify_ninth_digit: options.weni_verify_ninth_digit,
             contacts: Vec::new(),
@@ -216,6 +216,54 @@ impl WeniState {
     }
 }
 
+/// This fake's name (the platform's).
+const NAME: &str = "weni";
+
+/// The sandbox's registry entry.
+pub(crate) const FAKE: Fake = Fake {
+    name: NAME,
+    state: |options| Box::new(std::sync::Mutex::new(WeniState::new(options))),
+    routes,
+    log: |shared| {
+        let log = shared
+            .state::<WeniState>()
+            .lock()
+            .map(|s| s.log())
+            .unwrap_or_default();
+        serde_json::to_value(log).unwrap_or_default()
+    },
+    summary,
+    server_error,
+};
+
+impl SandboxLog {
+    /// What the Weni fake received and applied.
+    pub fn weni(&self) -> WeniLog {
+        self.platform(NAME)
+    }
+}
+
+fn summary(log: &SandboxLog) -> String {
+    let log = log.weni();
+    format!(
+        "weni {} contact(s), {} field(s), {} group(s), {} group add(s)",
+        log.contacts.len(),
+        log.fields.len(),
+        log.groups.len(),
+        log.actions.len()
+    )
+}
+
+/// Weni's own 500.
+fn server_error() -> Response<Body> {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [("content-type", "text/plain")],
+        "Server Error. Site administrators have been notified.",
+    )
+        .into_response()
+}
+
 pub(crate) fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/api/v2/contacts.json", any(contacts))
@@ -253,13 +301,13 @@ fn gate(shared: &Shared, headers: &HeaderMap, scope: &str) -> Result<(), Respons
     if token != shared.options.token {
         return Err(detail(StatusCode::FORBIDDEN, "Invalid token"));
     }
-    let wait = shared.weni.lock().ok().and_then(|mut s| {
+    let wait = shared.state::<WeniState>().lock().ok().and_then(|mut s| {
         s.throttle
             .as_mut()
             .and_then(|t| t.check(&format!("{token}:{scope}")).err())
     });
     if let Some(wait) = wait {
-        shared.throttled(Platform::Weni);
+        shared.throttled(NAME);
         let mut response = detail(
             StatusCode::TOO_MANY_REQUESTS,
             &format!("Request was throttled. Expected available in {wait} seconds."),
@@ -286,7 +334,7 @@ type Write<'a> = (Map<String, Value>, std::sync::MutexGuard<'a, WeniState>);
 fn body_and_state<'a>(shared: &'a Shared, body: &[u8]) -> Result<Write<'a>, Response<Body>> {
     let body = object_body(body)?;
     let state = shared
-        .weni
+        .state::<WeniState>()
         .lock()
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())?;
     Ok((body, state))
@@ -435,14 +483,14 @@ async fn serve(
     scope: &str,
     handle: impl FnOnce() -> Response<Body>,
 ) -> Response<Body> {
-    if let Some(response) = shared.before(Platform::Weni, kill).await {
+    if let Some(response) = shared.before(NAME, kill).await {
         return response;
     }
     if let Err(response) = gate(shared, headers, scope) {
         return response;
     }
     let response = handle();
-    shared.after(Platform::Weni, kill, response).await
+    shared.after(NAME, kill, response).await
 }
 
 /// A GET list: `items` built from the state, one cursor page of them.
@@ -453,7 +501,7 @@ fn list(
     path: &str,
     items: impl FnOnce(&WeniState) -> Vec<Value>,
 ) -> Response<Body> {
-    let Ok(state) = shared.weni.lock() else {
+    let Ok(state) = shared.state::<WeniState>().lock() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let items = items(&state);
@@ -489,7 +537,7 @@ fn list_contacts(
 
 fn write_contact(shared: &Shared, query: &HashMap<String, String>, body: &[u8]) -> Response<Body> {
     let at_ms = shared.now_ms();
-    let Ok(mut state) = shared.weni.lock() else {
+    let Ok(mut state) = shared.state::<WeniState>().lock() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let lookups: Vec<&str> = ["name", "urn", "uuid"]
@@ -815,7 +863,7 @@ fn upsert(
 
 fn delete_contact(shared: &Shared, query: &HashMap<String, String>) -> Response<Body> {
     let at_ms = shared.now_ms();
-    let Ok(mut state) = shared.weni.lock() else {
+    let Ok(mut state) = shared.state::<WeniState>().lock() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let (lookup, index) = if let Some(urn) = query.get("urn") {

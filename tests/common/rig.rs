@@ -257,20 +257,20 @@ pub fn by_sink<'a>(report: &'a [Row], sink: &str) -> Vec<&'a Row> {
 /// Phones (E.164) the sandbox received per platform, with how many times.
 pub fn received(log: &SandboxLog) -> [HashMap<String, usize>; 3] {
     let mut chatfuel = HashMap::new();
-    for r in &log.chatfuel.requests {
+    for r in &log.chatfuel().requests {
         for p in &r.phones {
             *chatfuel.entry(p.clone()).or_insert(0) += 1;
         }
     }
     let mut weni = HashMap::new();
-    for c in log.weni.contacts.iter().filter(|c| c.active) {
+    for c in log.weni().contacts.iter().filter(|c| c.active) {
         for u in &c.urns {
             let phone = format!("+{}", u.trim_start_matches("whatsapp:"));
             *weni.entry(phone).or_insert(0) += 1;
         }
     }
     let mut cloudhumans = HashMap::new();
-    for m in &log.cloudhumans.messages {
+    for m in &log.cloudhumans().messages {
         *cloudhumans.entry(m.phone_number.clone()).or_insert(0) += 1;
     }
     [chatfuel, weni, cloudhumans]
