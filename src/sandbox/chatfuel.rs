@@ -71,22 +71,25 @@ impl ChatfuelState {
     }
 }
 
+impl super::FakeState for ChatfuelState {
+    fn new(options: &SandboxOptions) -> Self {
+        ChatfuelState::new(options)
+    }
+
+    fn log_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.log()).unwrap_or_default()
+    }
+}
+
 /// This fake's name (the platform's).
 const NAME: &str = "chatfuel";
 
 /// The sandbox's registry entry.
 pub(crate) const FAKE: Fake = Fake {
     name: NAME,
-    state: |options| Box::new(std::sync::Mutex::new(ChatfuelState::new(options))),
+    state: super::boxed_state::<ChatfuelState>,
     routes,
-    log: |shared| {
-        let log = shared
-            .state::<ChatfuelState>()
-            .lock()
-            .map(|s| s.log())
-            .unwrap_or_default();
-        serde_json::to_value(log).unwrap_or_default()
-    },
+    log: super::state_log::<ChatfuelState>,
     summary,
     server_error,
 };

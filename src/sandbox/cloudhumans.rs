@@ -67,22 +67,25 @@ impl CloudHumansState {
     }
 }
 
+impl super::FakeState for CloudHumansState {
+    fn new(options: &SandboxOptions) -> Self {
+        CloudHumansState::new(options)
+    }
+
+    fn log_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.log()).unwrap_or_default()
+    }
+}
+
 /// This fake's name (the platform's).
 const NAME: &str = "cloudhumans";
 
 /// The sandbox's registry entry.
 pub(crate) const FAKE: Fake = Fake {
     name: NAME,
-    state: |options| Box::new(std::sync::Mutex::new(CloudHumansState::new(options))),
+    state: super::boxed_state::<CloudHumansState>,
     routes,
-    log: |shared| {
-        let log = shared
-            .state::<CloudHumansState>()
-            .lock()
-            .map(|s| s.log())
-            .unwrap_or_default();
-        serde_json::to_value(log).unwrap_or_default()
-    },
+    log: super::state_log::<CloudHumansState>,
     summary,
     server_error,
 };

@@ -58,6 +58,27 @@ pub struct Fake {
     pub server_error: fn() -> Response<Body>,
 }
 
+/// What every fake's state can do, so its registry entry is two generic functions.
+pub(crate) trait FakeState: Send + 'static {
+    fn new(options: &SandboxOptions) -> Self;
+    /// What it received and applied, as JSON.
+    fn log_json(&self) -> serde_json::Value;
+}
+
+/// A fake's state, type-erased for [`Shared`].
+pub(crate) fn boxed_state<T: FakeState>(options: &SandboxOptions) -> Box<dyn Any + Send + Sync> {
+    Box::new(Mutex::new(T::new(options)))
+}
+
+/// A fake's log, from its state.
+pub(crate) fn state_log<T: FakeState>(shared: &Shared) -> serde_json::Value {
+    shared
+        .state::<T>()
+        .lock()
+        .map(|s| s.log_json())
+        .unwrap_or_default()
+}
+
 fn fake(name: &str) -> Option<&'static Fake> {
     FAKES.iter().find(|f| f.name == name)
 }

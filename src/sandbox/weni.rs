@@ -216,22 +216,25 @@ impl WeniState {
     }
 }
 
+impl super::FakeState for WeniState {
+    fn new(options: &SandboxOptions) -> Self {
+        WeniState::new(options)
+    }
+
+    fn log_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.log()).unwrap_or_default()
+    }
+}
+
 /// This fake's name (the platform's).
 const NAME: &str = "weni";
 
 /// The sandbox's registry entry.
 pub(crate) const FAKE: Fake = Fake {
     name: NAME,
-    state: |options| Box::new(std::sync::Mutex::new(WeniState::new(options))),
+    state: super::boxed_state::<WeniState>,
     routes,
-    log: |shared| {
-        let log = shared
-            .state::<WeniState>()
-            .lock()
-            .map(|s| s.log())
-            .unwrap_or_default();
-        serde_json::to_value(log).unwrap_or_default()
-    },
+    log: super::state_log::<WeniState>,
     summary,
     server_error,
 };

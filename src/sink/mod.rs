@@ -298,6 +298,25 @@ macro_rules! raw_sink_table {
     };
 }
 
+/// The accessors every sink writes the same way: a `kind` field and a
+/// `config.common` section.
+#[macro_export]
+macro_rules! sink_accessors {
+    () => {
+        fn kind(&self) -> $crate::sink::SinkKind {
+            self.kind
+        }
+
+        fn common(&self) -> &$crate::config::SinkCommon {
+            &self.config.common
+        }
+
+        fn common_mut(&mut self) -> &mut $crate::config::SinkCommon {
+            &mut self.config.common
+        }
+    };
+}
+
 /// Deserializes a sink's raw table, naming the table in the error.
 pub fn raw_table<T: serde::de::DeserializeOwned>(
     value: toml::Value,

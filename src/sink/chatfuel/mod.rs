@@ -22,7 +22,7 @@ use super::lane::{Lane, worker_pool};
 use super::{
     Check, Delivery, ItemMeta, ParseContext, Payload, PlanCounts, Platform, RowView, Sink, SinkKind,
 };
-use crate::config::{ColumnUse, ConfigError, SinkCommon};
+use crate::config::{ColumnUse, ConfigError};
 use crate::phone::E164;
 use crate::report::Status;
 use crate::sandbox::SandboxOptions;
@@ -56,17 +56,7 @@ pub struct Chatfuel {
 }
 
 impl Sink for Chatfuel {
-    fn kind(&self) -> SinkKind {
-        self.kind
-    }
-
-    fn common(&self) -> &SinkCommon {
-        &self.config.common
-    }
-
-    fn common_mut(&mut self) -> &mut SinkCommon {
-        &mut self.config.common
-    }
+    crate::sink_accessors!();
 
     fn column_uses(&self) -> Vec<ColumnUse> {
         self.config

@@ -20,7 +20,7 @@ use super::{
     Check, Delivery, ParseContext, Payload, PlanCounts, Platform, Rerun, RowView, Sink, SinkItem,
     SinkKind,
 };
-use crate::config::{ColumnUse, ConfigError, SinkCommon};
+use crate::config::{ColumnUse, ConfigError};
 use crate::phone::E164;
 use crate::report::Status;
 use crate::sandbox::SandboxOptions;
@@ -61,17 +61,7 @@ impl CloudHumans {
 }
 
 impl Sink for CloudHumans {
-    fn kind(&self) -> SinkKind {
-        self.kind
-    }
-
-    fn common(&self) -> &SinkCommon {
-        &self.config.common
-    }
-
-    fn common_mut(&mut self) -> &mut SinkCommon {
-        &mut self.config.common
-    }
+    crate::sink_accessors!();
 
     fn column_uses(&self) -> Vec<ColumnUse> {
         let c = &self.config;

@@ -36,7 +36,7 @@ use super::lane::{Lane, worker_pool};
 use super::{
     Check, Delivery, ParseContext, Payload, PlanCounts, Platform, RowView, Sink, SinkItem, SinkKind,
 };
-use crate::config::{ColumnUse, ConfigError, SinkCommon};
+use crate::config::{ColumnUse, ConfigError};
 use crate::phone::{E164, weni_digit_count_ok};
 use crate::report::Status;
 use crate::state::{PayloadHasher, Scope};
@@ -66,17 +66,7 @@ pub struct Weni {
 }
 
 impl Sink for Weni {
-    fn kind(&self) -> SinkKind {
-        self.kind
-    }
-
-    fn common(&self) -> &SinkCommon {
-        &self.config.common
-    }
-
-    fn common_mut(&mut self) -> &mut SinkCommon {
-        &mut self.config.common
-    }
+    crate::sink_accessors!();
 
     fn column_uses(&self) -> Vec<ColumnUse> {
         let c = &self.config;
