@@ -197,7 +197,7 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         return Err(RunError::NoSinks { path: config.path });
     }
     let layout = Layout::bind(&mut config);
-    let files = source::expand_inputs(&options.inputs)?;
+    let files = source::expand_inputs(&options.inputs, runtime.handle())?;
     check_headers(&files, &config.input, &layout)?;
     let tokens = tokens(&config, options)?;
     let state_path = state_path_for(&config.state_path, options.sandbox);
@@ -538,7 +538,7 @@ fn check_headers(
     input: &InputConfig,
     layout: &Layout,
 ) -> Result<(), RunError> {
-    for file in files.iter().filter(|f| f.path.is_some()) {
+    for file in files.iter().filter(|f| !f.is_stdin()) {
         let reader = source::open(file, input)?;
         source::resolve_columns(&file.name, reader.header(), &layout.columns)?;
     }

@@ -94,9 +94,15 @@ impl CsvReader {
             source_name: name.clone(),
             error,
         };
-        let raw: Box<dyn Read + Send> = match &file.path {
-            None => Box::new(std::io::stdin()),
-            Some(path) => Box::new(File::open(path).map_err(open_err)?),
+        let raw: Box<dyn Read + Send> = match (&file.path, &file.object) {
+            (Some(path), _) => Box::new(File::open(path).map_err(open_err)?),
+            (None, Some(object)) => {
+                super::object::open_stream(object).map_err(|e| SourceError::Object {
+                    url: name.clone(),
+                    message: super::object::describe(&e),
+                })?
+            }
+            (None, None) => Box::new(std::io::stdin()),
         };
         let consumed = Arc::new(AtomicU64::new(0));
         let raw: Box<dyn Read + Send> = Box::new(CountingRead {

@@ -12,6 +12,7 @@ use crate::config::InputConfig;
 use crate::record::Chunk;
 
 pub mod csv;
+pub mod object;
 pub mod parquet;
 
 /// An input problem that stops the run (exit 1). Row-level problems are not
@@ -53,6 +54,8 @@ pub enum SourceError {
         line: u64,
         limit_mib: u64,
     },
+    #[error("{url}: {message}")]
+    Object { url: String, message: String },
     #[error("{path}: no .csv, .csv.gz, .tsv or .parquet files in this directory")]
     EmptyDirectory { path: String },
     #[error("{path}: unsupported file type; use .csv, .csv.gz, .tsv, .tsv.gz or .parquet")]
@@ -60,12 +63,32 @@ pub enum SourceError {
 }
 
 /// One input as the report names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct InputFile {
-    /// As given on the command line (joined with the directory for files inside one); "-" for stdin.
+    /// As given on the command line (joined with the directory for files
+    /// inside one; the object's full URL for objects under a prefix); "-" for stdin.
     pub name: String,
+    /// A local file.
     pub path: Option<PathBuf>,
+    /// An object in a bucket (or behind an https URL).
+    pub object: Option<object::ObjectInput>,
     pub kind: FileKind,
+}
+
+impl InputFile {
+    /// Standard input (its header is checked only when read).
+    pub fn is_stdin(&self) -> bool {
+        self.path.is_none() && self.object.is_none()
+    }
+
+    /// The size in bytes, when known.
+    pub fn size(&self) -> Option<u64> {
+        match (&self.path, &self.object) {
+            (Some(path), _) => std::fs::metadata(path).ok().map(|m| m.len()),
+            (None, Some(object)) => Some(object.size),
+            (None, None) => None,
+        }
+    }
 }
 
 /// How a file is read.
@@ -73,6 +96,12 @@ pub struct InputFile {
 pub enum FileKind {
     Csv { gzip: bool, tsv: bool },
     Parquet,
+}
+
+/// The kind of a data file found in a directory or under a prefix: `.txt`
+/// is accepted only when named on the command line (a README is not data).
+fn data_file_kind(name: &str) -> Option<FileKind> {
+    kind_of(name).filter(|_| !name.to_ascii_lowercase().ends_with(".txt"))
 }
 
 fn kind_of(name: &str) -> Option<FileKind> {
@@ -104,19 +133,29 @@ fn kind_of(name: &str) -> Option<FileKind> {
     }
 }
 
-/// Expands the command line's INPUTs: directories become their data files in name order.
-pub fn expand_inputs(inputs: &[String]) -> Result<Vec<InputFile>, SourceError> {
+/// Expands the command line's INPUTs: directories become their data files in
+/// name order, URL prefixes their data objects in key order (`handle` drives
+/// the object-store requests).
+pub fn expand_inputs(
+    inputs: &[String],
+    handle: &tokio::runtime::Handle,
+) -> Result<Vec<InputFile>, SourceError> {
     let mut files = Vec::new();
     for input in inputs {
         if input == "-" {
             files.push(InputFile {
                 name: "-".into(),
                 path: None,
+                object: None,
                 kind: FileKind::Csv {
                     gzip: false,
                     tsv: false,
                 },
             });
+            continue;
+        }
+        if object::is_url(input) {
+            files.extend(object::expand(input, handle)?);
             continue;
         }
         let path = Path::new(input);
@@ -129,7 +168,7 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<InputFile>, SourceError> {
                 .filter_map(|e| e.ok())
                 .filter(|e| e.path().is_file())
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| kind_of(n).is_some() && !n.ends_with(".txt"))
+                .filter(|n| data_file_kind(n).is_some())
                 .collect();
             names.sort();
             if names.is_empty() {
@@ -143,6 +182,7 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<InputFile>, SourceError> {
                     name: joined.to_string_lossy().into_owned(),
                     kind: kind_of(&name).unwrap_or(FileKind::Parquet),
                     path: Some(joined),
+                    object: None,
                 });
             }
         } else {
@@ -152,6 +192,7 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<InputFile>, SourceError> {
             files.push(InputFile {
                 name: input.clone(),
                 path: Some(path.to_owned()),
+                object: None,
                 kind,
             });
         }
@@ -173,15 +214,7 @@ pub trait Reader: Send {
 
 /// The inputs' total size in bytes, when every one is a file.
 pub fn total_bytes(files: &[InputFile]) -> Option<u64> {
-    files
-        .iter()
-        .map(|f| {
-            f.path
-                .as_ref()
-                .and_then(|p| std::fs::metadata(p).ok())
-                .map(|m| m.len())
-        })
-        .sum()
+    files.iter().map(InputFile::size).sum()
 }
 
 /// Opens a reader for `file` and reads its header.
