@@ -5,6 +5,8 @@
 #
 #   benches/e2e.sh            # ROWS=1000000 RUNS=5 PANDAS_RUNS=3 by default
 #   ROWS=200000 RUNS=3 benches/e2e.sh
+#   S3=1 benches/e2e.sh       # also the same files served by a local S3 server
+#                             # (examples/s3_server.rs: s3s + s3s-fs), read as s3:// URLs
 #
 # Needs: python3 with phonenumbers==9.0.33, pandas, pyarrow (pip install ...),
 # and /usr/bin/time (GNU time) for peak RSS. Prints a Markdown table of medians.
@@ -40,6 +42,40 @@ run_median() {
 
 read -r csv_s csv_kb < <(run_median "$RUNS" "$BIN" run -q --config fixtures/bench.toml --dry-run --report "$DATA/report-csv.csv" "$CSV")
 read -r pq_s pq_kb < <(run_median "$RUNS" "$BIN" run -q --config fixtures/bench.toml --dry-run --report "$DATA/report-parquet.csv" "$PARQUET")
+if [[ "${S3:-}" == 1 ]]; then
+  cargo build --release --quiet --example s3_server
+  mkdir -p "$DATA/s3/crm"
+  ln -f "$CSV" "$DATA/s3/crm/export.csv"; ln -f "$PARQUET" "$DATA/s3/crm/export.parquet"
+  target/release/examples/s3_server "$DATA/s3" bench-access bench-secret > "$DATA/s3.out" &
+  S3_PID=$!
+  trap 'kill $S3_PID 2>/dev/null || true' EXIT
+  for _ in $(seq 100); do S3_URL=$(sed -n 's/listening on //p' "$DATA/s3.out"); [[ -n "$S3_URL" ]] && break; sleep 0.1; done
+  export AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1 \
+    AWS_ENDPOINT_URL="$S3_URL" AWS_ALLOW_HTTP=true
+  # Local and S3 runs alternate, so that the ratio is side by side.
+  for _ in $(seq "$RUNS"); do
+    for what in local-csv s3-csv local-parquet s3-parquet; do
+      case $what in
+        local-csv) input=$CSV ;; s3-csv) input=s3://crm/export.csv ;;
+        local-parquet) input=$PARQUET ;; s3-parquet) input=s3://crm/export.parquet ;;
+      esac
+      /usr/bin/time -f "%e" -o "$DATA/time.txt" env RUST_LOG=crm_import=debug "$BIN" run -q \
+        --config fixtures/bench.toml --dry-run --report "$DATA/report-$what.csv" "$input" 2> "$DATA/$what.stderr" >/dev/null
+      echo "$what $(cat "$DATA/time.txt")" >> "$DATA/s3-times.txt"
+    done
+  done
+  med() { grep "^$1 " "$DATA/s3-times.txt" | awk '{print $2}' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  echo "| input ($ROWS rows, medians of $RUNS, alternated) | wall s | rows/s | vs local |"
+  echo "|---|---|---|---|"
+  for kind in csv parquet; do
+    l=$(med "local-$kind"); r=$(med "s3-$kind")
+    echo "| local $kind | $l | $(awk -v n="$ROWS" -v s="$l" 'BEGIN{printf "%.0f", n/s}') | 1.00 |"
+    echo "| s3:// $kind | $r | $(awk -v n="$ROWS" -v s="$r" 'BEGIN{printf "%.0f", n/s}') | $(awk -v a="$l" -v b="$r" 'BEGIN{printf "%.2f", a/b}') |"
+  done
+  grep -h "fetched" "$DATA/s3-parquet.stderr" | tail -1
+  rm -f "$DATA/s3-times.txt"
+  exit 0
+fi
 read -r pd_s pd_kb < <(run_median "$PANDAS_RUNS" python3 benches/baseline_pandas.py "$CSV" "$DATA/report-pandas.csv")
 
 rate() { awk -v r="$ROWS" -v s="$1" 'BEGIN { printf "%.0f", r / s }'; }

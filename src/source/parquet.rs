@@ -315,7 +315,18 @@ impl Reader for ParquetReader {
         while added < max_rows && chunk.text_len() < MAX_CHUNK_BYTES {
             if self.next_in_batch >= self.batch_rows {
                 match self.reader()?.next() {
-                    None => return Ok(added > 0),
+                    None => {
+                        if let Some(fetched) = self.fetched_bytes() {
+                            tracing::debug!(
+                                source = %self.name,
+                                fetched,
+                                size = self.file_bytes,
+                                "parquet object read: {fetched} bytes fetched of {} (the projection's column chunks and the footer)",
+                                self.file_bytes
+                            );
+                        }
+                        return Ok(added > 0);
+                    }
                     Some(Err(e)) => return Err(self.error(e)),
                     Some(Ok(batch)) => self.load(batch)?,
                 }
