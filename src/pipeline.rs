@@ -248,6 +248,7 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
         incremental: &incremental,
         hashing: &hashing,
         started,
+        state_path: state_path.clone(),
     };
     let flowed = run.flow(&files, report, &report_path, tokens, state);
     let sandbox_received = sandbox.as_ref().map(|s| s.log().summary_line());
@@ -266,6 +267,8 @@ struct Run<'a> {
     incremental: &'a Incremental,
     hashing: &'a [bool],
     started: Instant,
+    /// The state file of this run (its directory holds the lanes' spools).
+    state_path: PathBuf,
 }
 
 /// What the threads of a run hand back.
@@ -291,7 +294,7 @@ impl Run<'_> {
         let writer = state.as_ref().map(|(w, _)| w.clone());
         let lanes = match self.options.dry_run {
             true => Vec::new(),
-            false => self.start_lanes(tokens, writer, &report_tx, report_path)?,
+            false => self.start_lanes(tokens, writer, &report_tx)?,
         };
         let read = ReadMeter {
             total_bytes: source::total_bytes(files),
@@ -440,9 +443,8 @@ impl Run<'_> {
         tokens: Vec<String>,
         state: Option<StateWriter>,
         report_tx: &Sender<ReportMsg>,
-        report_path: &Path,
     ) -> Result<Vec<LaneOf>, RunError> {
-        let spool_dir = spool_dir(report_path);
+        let spool_dir = spool_dir(&self.state_path);
         let mut lanes = Vec::new();
         for (s, (sink, token)) in self.stages.sinks.iter().zip(tokens).enumerate() {
             let to_report = report_tx.clone();
@@ -523,9 +525,9 @@ pub fn state_path_for(configured: &Path, sandbox: bool) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Where lanes spill their queues: beside the report (the run's working area).
-fn spool_dir(report_path: &Path) -> PathBuf {
-    report_path
+/// Where lanes spill their queues: beside the state (SPEC "Each sink runs at its own pace").
+fn spool_dir(state_path: &Path) -> PathBuf {
+    state_path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_owned)

@@ -9,7 +9,7 @@
 //! Why a spool file and not the state as the queue: the state records what was
 //! *delivered*, which is what a later run needs; what is merely *waiting* only
 //! matters to this run (the next run re-reads the input and asks the state).
-//! So the spool is a temporary file beside the report whose name is removed
+//! So the spool is a temporary file beside the state whose name is removed
 //! as soon as it is open: it disappears with the process, `kill -9` included,
 //! and never needs cleaning. It is append-only JSON lines, read back in order;
 //! when the reader catches up, the file is truncated to reclaim the space.

@@ -228,11 +228,30 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ").replace(['\n', '\r'], " ")
 }
 
-/// A streamed GET of a whole object, as a blocking reader for the reader thread.
+/// Network chunks a CSV object's GET reads ahead of the parser (hyper's chunks
+/// are 8–64 KiB, so this bounds the read-ahead to a few MiB).
+const READ_AHEAD_CHUNKS: usize = 64;
+
+/// A streamed GET of a whole object, as a blocking reader for the reader
+/// thread. A task on the runtime pulls the body into a bounded channel, so the
+/// network keeps going while the reader parses, and memory stays bounded.
 pub fn open_stream(object: &ObjectInput) -> object_store::Result<Box<dyn std::io::Read + Send>> {
     let get = object.handle.block_on(object.store.get(&object.path))?;
-    let stream = get.into_stream().map_err(std::io::Error::other);
-    let reader = tokio_util::io::StreamReader::new(stream);
+    let mut body = get.into_stream();
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(READ_AHEAD_CHUNKS);
+    object.handle.spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(std::io::Error::other);
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let reader = tokio_util::io::StreamReader::new(Box::pin(chunks));
     Ok(Box::new(tokio_util::io::SyncIoBridge::new_with_handle(
         reader,
         object.handle.clone(),

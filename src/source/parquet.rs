@@ -89,19 +89,34 @@ enum Pending {
     Object(ParquetRecordBatchStreamBuilder<ObjectFileReader>, Handle),
 }
 
-/// The started reader: a local file's batches, or an object's, pulled on the reader thread.
+/// Decoded batches an object's reader keeps ahead of the reader thread.
+const BATCHES_AHEAD: usize = 2;
+
+/// The started reader: a local file's batches, or an object's, decoded by a
+/// task on the runtime (so fetching the next row group overlaps the reader
+/// thread's work) and handed over through a bounded channel.
 enum Batches {
     Local(ParquetRecordBatchReader),
-    Object(ParquetRecordBatchStream<ObjectFileReader>, Handle),
+    Object(tokio::sync::mpsc::Receiver<Result<RecordBatch, String>>),
 }
 
 impl Batches {
+    fn object(mut stream: ParquetRecordBatchStream<ObjectFileReader>, handle: &Handle) -> Batches {
+        let (tx, rx) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
+        handle.spawn(async move {
+            while let Some(batch) = stream.next().await {
+                if tx.send(batch.map_err(|e| e.to_string())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Batches::Object(rx)
+    }
+
     fn next(&mut self) -> Option<Result<RecordBatch, String>> {
         match self {
             Batches::Local(reader) => reader.next().map(|r| r.map_err(|e| e.to_string())),
-            Batches::Object(stream, handle) => handle
-                .block_on(stream.next())
-                .map(|r| r.map_err(|e| e.to_string())),
+            Batches::Object(rx) => rx.blocking_recv(),
         }
     }
 }
@@ -223,7 +238,7 @@ impl ParquetReader {
                     b.with_projection(mask)
                         .with_batch_size(BATCH_ROWS)
                         .build()
-                        .map(|stream| Batches::Object(stream, handle))
+                        .map(|stream| Batches::object(stream, &handle))
                 }
             };
             self.reader = Some(started.map_err(|e| self.error(e.to_string()))?);
