@@ -44,12 +44,12 @@ read -r csv_s csv_kb < <(run_median "$RUNS" "$BIN" run -q --config fixtures/benc
 read -r pq_s pq_kb < <(run_median "$RUNS" "$BIN" run -q --config fixtures/bench.toml --dry-run --report "$DATA/report-parquet.csv" "$PARQUET")
 if [[ "${S3:-}" == 1 ]]; then
   cargo build --release --quiet --example s3_server
-  mkdir -p "$DATA/s3/crm"
-  ln -f "$CSV" "$DATA/s3/crm/export.csv"; ln -f "$PARQUET" "$DATA/s3/crm/export.parquet"
-  target/release/examples/s3_server "$DATA/s3" bench-access bench-secret > "$DATA/s3.out" &
+  rm -rf "$DATA/s3"; mkdir -p "$DATA/s3"
+  target/release/examples/s3_server "$DATA/s3" bench-access bench-secret \
+    "crm/export.csv=$CSV" "crm/export.parquet=$PARQUET" > "$DATA/s3.out" &
   S3_PID=$!
   trap 'kill $S3_PID 2>/dev/null || true' EXIT
-  for _ in $(seq 100); do S3_URL=$(sed -n 's/listening on //p' "$DATA/s3.out"); [[ -n "$S3_URL" ]] && break; sleep 0.1; done
+  for _ in $(seq 600); do S3_URL=$(sed -n 's/listening on //p' "$DATA/s3.out"); [[ -n "$S3_URL" ]] && break; sleep 0.1; done
   export AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1 \
     AWS_ENDPOINT_URL="$S3_URL" AWS_ALLOW_HTTP=true
   # Local and S3 runs alternate, so that the ratio is side by side.
