@@ -17,6 +17,16 @@ fn times_messaged(rig: &Rig) -> HashMap<String, usize> {
     received(&rig.log())[2].clone()
 }
 
+/// Every one of `n` phones got exactly one CloudHumans message.
+fn assert_each_messaged_once(rig: &Rig, n: usize) {
+    let messaged = times_messaged(rig);
+    assert_eq!(messaged.len(), n);
+    assert!(
+        messaged.values().all(|&times| times == 1),
+        "a phone messaged twice"
+    );
+}
+
 /// With Weni throttled to 10/s, Chatfuel and CloudHumans finish within 1.5×
 /// their own plan time while Weni keeps going: no sink waits for another.
 #[test]
@@ -117,12 +127,7 @@ fn max_duration_stops_in_time_and_the_next_run_sends_exactly_the_rest() {
         second.log.weni().writes.len() - weni_before,
         200 - delivered["weni"]
     );
-    let messaged = times_messaged(&rig);
-    assert_eq!(messaged.len(), 200);
-    assert!(
-        messaged.values().all(|&times| times == 1),
-        "a phone messaged twice"
-    );
+    assert_each_messaged_once(&rig, 200);
 }
 
 /// A second run on a held state exits 1 at once, naming the state file and the
@@ -197,12 +202,7 @@ fn sigterm_mid_run_stops_gracefully_and_the_rerun_never_messages_twice() {
 
     let rerun = rig.run(&cfg, [TOKEN; 3]);
     assert_eq!(rerun.code, 0, "{}", rerun.stderr);
-    let messaged = times_messaged(&rig);
-    assert_eq!(messaged.len(), 200);
-    assert!(
-        messaged.values().all(|&times| times == 1),
-        "a phone messaged twice"
-    );
+    assert_each_messaged_once(&rig, 200);
 }
 
 /// Regression: Ctrl-C during an all-`unchanged` re-run exited 0. An

@@ -78,8 +78,9 @@ fn exports(s3: &S3) {
     s3.put("crm", "exports/README.txt", b"nightly export");
 }
 
-/// A dry run of `inputs` with the rig's three-sink config, in the rig's directory.
-fn dry_run(rig: &Rig, s3: &S3, inputs: &[&str], secret: &str) -> (Output, String) {
+/// The binary in the rig's directory with the rig's three-sink config
+/// (`import.toml`), reporting to `r.csv`, with `args` after `run`.
+fn crm_import(rig: &Rig, args: &[&str]) -> Command {
     std::fs::write(
         rig.path("import.toml"),
         config("", "", "").replace("{url}", &rig.url()),
@@ -88,16 +89,14 @@ fn dry_run(rig: &Rig, s3: &S3, inputs: &[&str], secret: &str) -> (Output, String
     let mut command = Command::new(BIN);
     command
         .current_dir(rig.path(""))
-        .args([
-            "run",
-            "-q",
-            "--dry-run",
-            "--config",
-            "import.toml",
-            "--report",
-            "r.csv",
-        ])
-        .args(inputs);
+        .args(["run", "-q", "--config", "import.toml", "--report", "r.csv"])
+        .args(args);
+    command
+}
+
+/// A dry run of `inputs` with the rig's three-sink config, in the rig's directory.
+fn dry_run(rig: &Rig, s3: &S3, inputs: &[&str], secret: &str) -> (Output, String) {
+    let mut command = crm_import(rig, &[&["--dry-run"], inputs].concat());
     s3.env_with_secret(&mut command, secret);
     let out = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -196,23 +195,8 @@ fn object_errors_are_one_sentence_naming_the_url_and_nothing_is_sent() {
         ),
     ];
     for (url, secret, expected) in cases {
-        std::fs::write(
-            rig.path("import.toml"),
-            config("", "", "").replace("{url}", &rig.url()),
-        )
-        .unwrap();
-        let mut command = Command::new(BIN);
+        let mut command = crm_import(&rig, &[url]);
         command
-            .current_dir(rig.path(""))
-            .args([
-                "run",
-                "-q",
-                "--config",
-                "import.toml",
-                "--report",
-                "r.csv",
-                url,
-            ])
             .env("CHATFUEL_API_TOKEN", TOKEN)
             .env("WENI_API_TOKEN", TOKEN)
             .env("CLOUDHUMANS_API_TOKEN", TOKEN);
@@ -234,24 +218,8 @@ fn an_unreachable_endpoint_fails_after_bounded_retries_naming_the_url() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    std::fs::write(
-        rig.path("import.toml"),
-        config("", "", "").replace("{url}", &rig.url()),
-    )
-    .unwrap();
     let started = std::time::Instant::now();
-    let out = Command::new(BIN)
-        .current_dir(rig.path(""))
-        .args([
-            "run",
-            "-q",
-            "--dry-run",
-            "--config",
-            "import.toml",
-            "--report",
-            "r.csv",
-        ])
-        .arg("s3://crm/exports/part-1.csv")
+    let out = crm_import(&rig, &["--dry-run", "s3://crm/exports/part-1.csv"])
         .env("AWS_ACCESS_KEY_ID", "a")
         .env("AWS_SECRET_ACCESS_KEY", "b")
         .env("AWS_REGION", "us-east-1")
