@@ -83,11 +83,6 @@ impl Shutdown {
             || matches!(self.reason(), Some(StopReason::Failure(_)))
     }
 
-    /// Whether a signal was received.
-    pub fn signalled(&self) -> bool {
-        self.inner.signals.load(Ordering::SeqCst) > 0
-    }
-
     /// Completes when the run starts stopping.
     pub async fn stopped(&self) {
         self.inner.token.cancelled().await

@@ -334,22 +334,3 @@ pub fn raw_table<T: serde::de::DeserializeOwned>(
             ),
         })
 }
-
-/// The report's view of a chunk row bound for a sink.
-pub fn item_meta(
-    chunk: &Chunk,
-    i: usize,
-    record_id: &str,
-    phone_raw: &str,
-    phone: E164,
-    hash: u64,
-) -> ItemMeta {
-    ItemMeta {
-        source: chunk.source_name.clone(),
-        row: chunk.rows[i].row,
-        record_id: record_id.into(),
-        phone_raw: phone_raw.into(),
-        phone,
-        hash,
-    }
-}
