@@ -380,3 +380,55 @@ fn the_dry_run_warns_when_a_plan_exceeds_the_time_box() {
         "{stderr}"
     );
 }
+
+/// A second signal quits at once (exit 130); the state stays consistent, so
+/// the next run completes without messaging anyone twice.
+#[test]
+fn a_second_signal_quits_at_once_with_130() {
+    let mut options = sandbox_options();
+    // Every answer takes a while, so the first signal leaves requests in flight.
+    options.platform_mut("cloudhumans").faults.latency = std::time::Duration::from_millis(300);
+    let rig = Rig::new(options);
+    rig.input(&phones(200));
+    let cfg = config("enabled = false", "enabled = false", "rate = \"50/s\"");
+    let mut child = rig.spawn_args(&cfg, &[], "quit.csv");
+    assert!(rig.wait_until(Duration::from_secs(30), |log| {
+        log.cloudhumans().messages.len() >= 10
+    }));
+    // Stderr line by line, to know when the first signal has been handled
+    // (two signals sent back to back may arrive as one).
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let pid = child.id().to_string();
+    let term = || Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    term();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("the first SIGTERM is acknowledged");
+        if line.contains("SIGTERM: no new rows") {
+            break;
+        }
+    }
+    term();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let rerun = rig.run(&cfg, [TOKEN; 3]);
+    assert_ne!(rerun.code, 1, "{}", rerun.stderr);
+    let messaged = times_messaged(&rig);
+    assert!(
+        messaged.values().all(|&times| times == 1),
+        "a phone messaged twice"
+    );
+}
