@@ -400,3 +400,31 @@ fn parquet_text(path: &Path) -> String {
     assert!(text.contains("weni"), "the report was read");
     text
 }
+
+/// Regression: Weni pagination followed `next` to any origin with the token
+/// attached. A `next` link to another origin is refused; that origin receives nothing.
+#[test]
+fn a_weni_next_link_to_another_origin_is_not_followed() {
+    let elsewhere = Rig::new(sandbox_options());
+    let mut options = sandbox_options();
+    options.page_size = 1;
+    options.weni_next_origin = Some(elsewhere.url());
+    let rig = Rig::new(options);
+    let n = rig.input(&phones(3));
+    // The first run creates two fields; then the fields list is two pages long.
+    let weni = "fields = { plan = \"{plan}\", signup = \"{id}\" }";
+    let cfg = config("enabled = false", weni, "enabled = false");
+    assert_eq!(rig.run(&cfg, [TOKEN; 3]).code, 0);
+    let run = rig.run_args(&cfg, [TOKEN; 3], &["--full"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert_invariant(&run.report, &["weni"], &[("in.csv", n)]);
+    for r in &run.report {
+        assert_eq!(r["status"], "skipped", "{r:?}");
+        assert!(r["detail"].contains("links to another origin"), "{r:?}");
+    }
+    assert!(
+        elsewhere.log().stats.is_empty(),
+        "{:?}",
+        elsewhere.log().stats
+    );
+}

@@ -139,6 +139,9 @@ pub struct SandboxOptions {
     /// Weni: the first N upserts that would create a contact lose a race:
     /// 400 `{"error": "URNs in use by other contacts"}`, nothing applied.
     pub weni_urn_races: u64,
+    /// Weni: pagination `next` links point to this origin (a hostile answer:
+    /// the client must not send its token there).
+    pub weni_next_origin: Option<String>,
     /// Seed of the fault dice, so a failing run can be replayed.
     pub seed: u64,
 }
@@ -173,6 +176,7 @@ impl Default for SandboxOptions {
             chatfuel_refused_phones: Vec::new(),
             weni_seed: Vec::new(),
             weni_urn_races: 0,
+            weni_next_origin: None,
             seed: 0x5EED,
         }
     }

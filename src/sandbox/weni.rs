@@ -128,6 +128,8 @@ pub(crate) struct WeniState {
     actions: Vec<WeniAction>,
     /// Creates still to lose a race (`SandboxOptions::weni_urn_races`).
     races_left: u64,
+    /// Origin of the `next` links, when not this server's (`SandboxOptions::weni_next_origin`).
+    next_origin: Option<String>,
 }
 
 impl WeniState {
@@ -159,6 +161,7 @@ impl WeniState {
         WeniState {
             actions: Vec::new(),
             races_left: options.weni_urn_races,
+            next_origin: options.weni_next_origin.clone(),
             throttle: options.platform(NAME).rate.map(SlidingWindow::new),
             page_size: options.page_size.max(1),
             verify_ninth_digit: options.weni_verify_ninth_digit,
@@ -356,7 +359,7 @@ fn object_body(body: &[u8]) -> Result<Map<String, Value>, Response<Body>> {
 
 /// The `next` URL of a cursor page.
 fn page(
-    shared_host: &str,
+    origin: &str,
     path: &str,
     query: &HashMap<String, String>,
     items: Vec<Value>,
@@ -374,7 +377,7 @@ fn page(
             .map(|(k, v)| format!("{k}={}", urlencode(v)))
             .collect();
         params.push(format!("cursor={end}"));
-        format!("http://{shared_host}{path}?{}", params.join("&"))
+        format!("{origin}{path}?{}", params.join("&"))
     });
     let results: Vec<Value> = items.into_iter().skip(offset).take(size).collect();
     json!({"next": next, "previous": null, "results": results})
@@ -510,7 +513,16 @@ fn list(
     let items = items(&state);
     super::json(
         StatusCode::OK,
-        page(&host(headers), path, query, items, state.page_size),
+        page(
+            &state
+                .next_origin
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", host(headers))),
+            path,
+            query,
+            items,
+            state.page_size,
+        ),
     )
 }
 
