@@ -254,29 +254,14 @@ fn upgrade(conn: &Connection) -> Result<(), String> {
 /// The id of `scope` in an open file: its own row, else an unclaimed schema-1
 /// row with its legacy key (`legacy_column`: the file has schema 2's column).
 fn find_scope(conn: &Connection, scope: &Scope, legacy_column: bool) -> Option<i64> {
-    let own = conn
-        .query_row(
-            if legacy_column {
-                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2 AND legacy = 0"
-            } else {
-                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2 AND 0"
-            },
-            params![scope.sink, scope.scope],
-            |r| r.get(0),
-        )
-        .ok();
-    own.or_else(|| {
-        conn.query_row(
-            if legacy_column {
-                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2 AND legacy = 1"
-            } else {
-                "SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2"
-            },
-            params![scope.sink, scope.legacy],
-            |r| r.get(0),
-        )
-        .ok()
-    })
+    // In a schema-1 file every scope is an unclaimed legacy one.
+    let legacy = if legacy_column { "legacy" } else { "1" };
+    let sql = format!("SELECT id FROM scopes WHERE sink = ?1 AND scope = ?2 AND {legacy} = ?3");
+    let lookup = |name: &str, is_legacy: i64| {
+        conn.query_row(&sql, params![scope.sink, name, is_legacy], |r| r.get(0))
+            .ok()
+    };
+    lookup(&scope.scope, 0).or_else(|| lookup(&scope.legacy, 1))
 }
 
 /// Loads the index of each scope. A missing file (dry run) gives empty indexes.

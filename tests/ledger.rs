@@ -428,3 +428,46 @@ fn a_weni_next_link_to_another_origin_is_not_followed() {
         elsewhere.log().stats
     );
 }
+
+/// A dry run reads a schema-1 state file's deliveries without upgrading it
+/// (a dry run never writes the state).
+#[test]
+fn a_dry_run_reads_a_schema_1_state_file_without_writing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let state = dir.path().join("crm-import-state.db");
+    std::fs::copy(manifest.join("fixtures/state-v1.db"), &state).unwrap();
+    let before = std::fs::read(&state).unwrap();
+    let demo = std::fs::read_to_string(manifest.join("fixtures/demo.toml")).unwrap();
+    let cfg = demo
+        .replace("path = \"../crm-import-report.csv\"", "path = \"r.csv\"")
+        .replace(
+            "path = \"../crm-import-state.db\"",
+            "path = \"crm-import-state.db\"",
+        );
+    std::fs::write(dir.path().join("demo.toml"), cfg).unwrap();
+    let out = Command::new(common::rig::BIN)
+        .args(["run", "-q", "--dry-run", "--config"])
+        .arg(dir.path().join("demo.toml"))
+        .arg(manifest.join("fixtures/contacts.csv"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = read_report(&dir.path().join("r.csv"));
+    let sink_rows: Vec<_> = report.iter().filter(|r| !r["sink"].is_empty()).collect();
+    assert_eq!(sink_rows.len(), 14 * 3);
+    assert!(
+        sink_rows.iter().all(|r| r["status"] == "unchanged"),
+        "{sink_rows:?}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "the state file is untouched"
+    );
+}
