@@ -17,6 +17,27 @@ import phonenumbers as pn
 SINKS = ["chatfuel", "weni", "cloudhumans"]
 
 
+MOBILE = (pn.PhoneNumberType.MOBILE, pn.PhoneNumberType.FIXED_LINE_OR_MOBILE)
+
+
+def forgotten_plus(raw, region, n):
+    """SPEC's documented choice, so that the cross-check compares like with like:
+    a "+"-less number starting with its region's country code that is a valid
+    fixed line as written but a valid mobile with the "+" restored is read as
+    the mobile. Only such numbers pay for the extra parse."""
+    digits = pn.national_significant_number(n)  # as libphonenumber cut it (no extension)
+    if raw.lstrip().startswith("+") or not digits.startswith(str(n.country_code)):
+        return None
+    try:
+        alt = pn.parse("+" + digits, None)
+    except pn.NumberParseException:
+        return None
+    if (pn.is_valid_number(alt) and pn.number_type(alt) in MOBILE
+            and pn.number_type(n) not in MOBILE):
+        return pn.format_number(alt, pn.PhoneNumberFormat.E164)
+    return None
+
+
 def normalize(phone, mobile, country):
     region = country.strip().upper() if len(country.strip()) == 2 else "BR"
     if region not in pn.SUPPORTED_REGIONS:
@@ -29,7 +50,7 @@ def normalize(phone, mobile, country):
         except pn.NumberParseException:
             continue
         if pn.is_valid_number(n):
-            return raw, pn.format_number(n, pn.PhoneNumberFormat.E164)
+            return raw, forgotten_plus(raw, region, n) or pn.format_number(n, pn.PhoneNumberFormat.E164)
     return (phone if phone.strip() else mobile), ""
 
 
