@@ -21,6 +21,7 @@
 //!   (`sink::lane`: a queue spilling to disk, so each sink goes at its own pace);
 //!   the shared HTTP transport (`sink::http`).
 //! - [`state`]: what was delivered (SQLite), and the lock of one run per state file.
+//! - [`render`]: a merged chunk → its report rows, encoded on worker threads.
 //! - [`report`]: the per-record report, the single accountant of rows.
 //! - [`shutdown`]: the one stop signal (SIGTERM/SIGINT, `--max-duration`, failures).
 //! - [`pipeline`]: wires the stages with bounded channels across threads, generic over sinks.
@@ -35,6 +36,7 @@ pub mod phone;
 pub mod pipeline;
 pub mod progress;
 pub mod record;
+pub mod render;
 pub mod report;
 pub mod sandbox;
 pub mod shutdown;

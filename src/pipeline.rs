@@ -38,8 +38,9 @@ use crate::config::{Config, InputConfig};
 use crate::dedup::Dedup;
 use crate::phone::{E164, PhoneNormalizer};
 use crate::progress::{Progress, ReadMeter, SinkMeter};
-use crate::record::{Chunk, Outcome, Position};
-use crate::report::{Counts, Report, ReportError, ReportRow, Status};
+use crate::record::{Chunk, Layout, Outcome, Position};
+use crate::render::{ChunkReport, Rendered};
+use crate::report::{Counts, Encoding, Report, ReportError, ReportRow};
 use crate::sandbox::{SANDBOX_TOKEN, Sandbox, SandboxOptions};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::sink::http::Uploader;
@@ -115,40 +116,28 @@ pub struct RunOptions {
     pub limit: Option<u64>,
 }
 
-/// Where each needed column sits among the projected cells of a chunk.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    /// (column name, config key that needs it), in cell order.
-    pub columns: Vec<(String, String)>,
-    /// Cell index of each `phone_column`, in config order.
-    pub phones: Vec<usize>,
-    pub country: Option<usize>,
-    pub id: Option<usize>,
-}
-
-impl Layout {
-    /// Computes the projection and binds every sink's columns to it.
-    pub fn bind(config: &mut Config) -> Layout {
-        let mut columns: Vec<(String, String)> = Vec::new();
-        for u in config.column_uses() {
-            if !columns.iter().any(|(c, _)| *c == u.column) {
-                columns.push((u.column, u.key));
-            }
+/// Computes the projection of the input to the columns the run needs, and
+/// binds every sink's columns to it.
+pub fn bind_layout(config: &mut Config) -> Layout {
+    let mut columns: Vec<(String, String)> = Vec::new();
+    for u in config.column_uses() {
+        if !columns.iter().any(|(c, _)| *c == u.column) {
+            columns.push((u.column, u.key));
         }
-        let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
-        let index_of = |name: &str| names.iter().position(|c| c == name).unwrap_or(0);
-        let input = &config.input;
-        let layout = Layout {
-            phones: input.phone_columns.iter().map(|c| index_of(c)).collect(),
-            country: input.country_column.as_deref().map(index_of),
-            id: input.id_column.as_deref().map(index_of),
-            columns,
-        };
-        for sink in &mut config.sinks {
-            sink.bind(&index_of);
-        }
-        layout
     }
+    let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
+    let index_of = |name: &str| names.iter().position(|c| c == name).unwrap_or(0);
+    let input = &config.input;
+    let layout = Layout {
+        phones: input.phone_columns.iter().map(|c| index_of(c)).collect(),
+        country: input.country_column.as_deref().map(index_of),
+        id: input.id_column.as_deref().map(index_of),
+        columns,
+    };
+    for sink in &mut config.sinks {
+        sink.bind(&index_of);
+    }
+    layout
 }
 
 /// What the stages share, read-only: the input settings, the sinks, the layout.
@@ -164,11 +153,23 @@ pub struct Checked {
     checks: Vec<Check>,
 }
 
-/// What the report thread receives: whole chunks (record-level outcomes and the
-/// checks decided before sending), and per-sink rows from the lanes.
+/// What the report thread receives: merged chunks, rendered (text reports) or
+/// not (Parquet), and per-sink rows from the lanes.
 enum ReportMsg {
     Chunk(Checked),
+    Rendered(Rendered),
     Rows(Vec<SinkRow>),
+}
+
+impl ReportMsg {
+    /// The place of a chunk's rows in the run (the report keeps input order).
+    fn seq(&self) -> Option<u64> {
+        match self {
+            ReportMsg::Chunk(c) => Some(c.chunk.seq),
+            ReportMsg::Rendered(r) => Some(r.seq),
+            ReportMsg::Rows(_) => None,
+        }
+    }
 }
 
 /// A sink's lane, with the sink it delivers for.
@@ -196,7 +197,7 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
     if config.sinks.is_empty() {
         return Err(RunError::NoSinks { path: config.path });
     }
-    let layout = Layout::bind(&mut config);
+    let layout = bind_layout(&mut config);
     let files = source::expand_inputs(&options.inputs, runtime.handle())?;
     check_headers(&files, &config.input, &layout)?;
     let tokens = tokens(&config, options)?;
@@ -334,6 +335,7 @@ impl Run<'_> {
             .collect();
         std::thread::scope(|scope| {
             let shutdown = self.shutdown.clone();
+            let encoding = report.encoding();
             let report_thread = scope.spawn(move || {
                 let counts = write_report(report, self.stages, self.options.dry_run, report_rx);
                 if let Err(e) = &counts {
@@ -341,7 +343,21 @@ impl Run<'_> {
                 }
                 counts
             });
-            let (merged, input_rows) = self.read_and_merge(scope, files, read, &lanes, &report_tx);
+            let (merged_tx, merged_rx) = bounded::<Checked>(CHANNEL_CHUNKS);
+            let renderers = match encoding {
+                Some(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                None => 1,
+            };
+            let names: Arc<[Arc<str>]> = files.iter().map(|f| Arc::from(f.name.as_str())).collect();
+            for _ in 0..renderers {
+                let (merged_rx, report_tx) = (merged_rx.clone(), report_tx.clone());
+                let names = names.clone();
+                scope.spawn(move || {
+                    self.render_worker(encoding, &names, merged_rx, report_tx);
+                });
+            }
+            drop(merged_rx);
+            let (merged, input_rows) = self.read_and_merge(scope, files, read, &lanes, merged_tx);
             drop(report_tx);
             self.finish_lanes(&lanes, deliveries, &merged);
             let sinks = lanes
@@ -405,7 +421,7 @@ impl Run<'_> {
         files: &'s [source::InputFile],
         read: &'s ReadMeter,
         lanes: &[LaneOf],
-        report_tx: &Sender<ReportMsg>,
+        merged_tx: Sender<Checked>,
     ) -> (Result<(Vec<SinkPlan>, u64), RunError>, u64) {
         let (raw_tx, raw_rx) = bounded::<Result<Chunk, SourceError>>(CHANNEL_CHUNKS);
         let (checked_tx, checked_rx) = bounded::<Result<Checked, SourceError>>(CHANNEL_CHUNKS * 2);
@@ -427,7 +443,7 @@ impl Run<'_> {
         }
         drop((raw_rx, checked_tx));
         let mut merger = Merger::new(self, lanes);
-        let merged = merger.merge(checked_rx, report_tx, &permits_rx);
+        let merged = merger.merge(checked_rx, &merged_tx, &permits_rx);
         if merged.is_err() {
             self.shutdown.stop(StopReason::Failure(
                 "the input could not be read to the end".into(),
@@ -435,6 +451,37 @@ impl Run<'_> {
         }
         drop(permits_rx);
         (merged, reader.join().unwrap_or(0))
+    }
+
+    /// Turns merged chunks into report rows: bytes for a text report, or the
+    /// chunk itself for the report thread to write (Parquet).
+    fn render_worker(
+        &self,
+        encoding: Option<Encoding>,
+        source_names: &[Arc<str>],
+        rx: Receiver<Checked>,
+        tx: Sender<ReportMsg>,
+    ) {
+        let kinds: Vec<SinkKind> = self.stages.sinks.iter().map(|s| s.kind()).collect();
+        let chunk_report = ChunkReport {
+            layout: &self.stages.layout,
+            kinds: &kinds,
+            dry_run: self.options.dry_run,
+            source_names,
+        };
+        for checked in rx {
+            let message = match encoding {
+                Some(encoding) => ReportMsg::Rendered(chunk_report.render(
+                    encoding,
+                    &checked.chunk,
+                    &checked.checks,
+                )),
+                None => ReportMsg::Chunk(checked),
+            };
+            if tx.send(message).is_err() {
+                return;
+            }
+        }
     }
 
     /// One lane and one delivery task per sink, on the runtime.
@@ -801,7 +848,7 @@ impl<'a> Merger<'a> {
     fn merge(
         &mut self,
         rx: Receiver<Result<Checked, SourceError>>,
-        tx: &Sender<ReportMsg>,
+        tx: &Sender<Checked>,
         permits: &Receiver<()>,
     ) -> Result<(Vec<SinkPlan>, u64), RunError> {
         let mut pending: BTreeMap<u64, Checked> = BTreeMap::new();
@@ -813,7 +860,7 @@ impl<'a> Merger<'a> {
                 next += 1;
                 let _ = permits.try_recv();
                 self.merge_chunk(&mut checked)?;
-                if tx.send(ReportMsg::Chunk(checked)).is_err() {
+                if tx.send(checked).is_err() {
                     return Err(RunError::Report(ReportError {
                         path: PathBuf::new(),
                         message: "report writer stopped".into(),
@@ -917,8 +964,9 @@ impl<'a> Merger<'a> {
     }
 }
 
-/// Report thread: the accountant. One row per record-level outcome, else one
-/// per sink. Flushed at least every second, even while no row arrives, so a
+/// Report thread: the accountant. Writes chunks' rows in input order (they
+/// may arrive out of order from the render workers) and lanes' rows as they
+/// come. Flushed at least every second, even while no row arrives, so a
 /// killed run's report holds everything up to its last second.
 fn write_report(
     mut report: Report,
@@ -928,6 +976,8 @@ fn write_report(
 ) -> Result<Counts, ReportError> {
     let kinds: Vec<SinkKind> = stages.sinks.iter().map(|s| s.kind()).collect();
     let mut source_names: Vec<Arc<str>> = Vec::new();
+    let mut waiting: BTreeMap<u64, ReportMsg> = BTreeMap::new();
+    let mut next_seq = 0u64;
     let mut last_flush = Instant::now();
     loop {
         let message = match rx.recv_timeout(Duration::from_secs(1)) {
@@ -943,25 +993,36 @@ fn write_report(
             report.flush()?;
             last_flush = Instant::now();
         }
-        match message {
-            ReportMsg::Rows(rows) => {
+        let Some(seq) = message.seq() else {
+            if let ReportMsg::Rows(rows) = message {
                 for r in &rows {
                     report.write(&sink_row(r))?;
                 }
             }
-            ReportMsg::Chunk(checked) => {
-                let chunk = &checked.chunk;
-                if source_names.len() <= chunk.source as usize {
-                    source_names.resize(chunk.source as usize + 1, Arc::from(""));
+            continue;
+        };
+        waiting.insert(seq, message);
+        while let Some(message) = waiting.remove(&next_seq) {
+            next_seq += 1;
+            match message {
+                ReportMsg::Rendered(rendered) => {
+                    report.write_encoded(&rendered.bytes, &rendered.counts)?
                 }
-                source_names[chunk.source as usize] = chunk.source_name.clone();
-                let chunk_report = ChunkReport {
-                    layout: &stages.layout,
-                    kinds: &kinds,
-                    dry_run,
-                    source_names: &source_names,
-                };
-                chunk_report.write(&mut report, &checked)?;
+                ReportMsg::Chunk(checked) => {
+                    let chunk = &checked.chunk;
+                    if source_names.len() <= chunk.source as usize {
+                        source_names.resize(chunk.source as usize + 1, Arc::from(""));
+                    }
+                    source_names[chunk.source as usize] = chunk.source_name.clone();
+                    let chunk_report = ChunkReport {
+                        layout: &stages.layout,
+                        kinds: &kinds,
+                        dry_run,
+                        source_names: &source_names,
+                    };
+                    chunk_report.write(&mut report, chunk, &checked.checks)?;
+                }
+                ReportMsg::Rows(_) => {}
             }
         }
     }
@@ -982,108 +1043,4 @@ fn sink_row(r: &SinkRow) -> ReportRow<'_> {
         attempts: r.attempts,
         detail: &r.detail,
     }
-}
-
-/// Writes the report rows a chunk decides by itself.
-struct ChunkReport<'a> {
-    layout: &'a Layout,
-    kinds: &'a [SinkKind],
-    dry_run: bool,
-    source_names: &'a [Arc<str>],
-}
-
-impl ChunkReport<'_> {
-    fn write(&self, report: &mut Report, checked: &Checked) -> Result<(), ReportError> {
-        let chunk = &checked.chunk;
-        let layout = self.layout;
-        let sinks = self.kinds.len();
-        for (i, meta) in chunk.rows.iter().enumerate() {
-            let raw_of = |k: u8| chunk.cell(i, layout.phones[k as usize]);
-            let mut row = ReportRow {
-                source: &chunk.source_name,
-                row: meta.row,
-                record_id: layout.id.map(|c| chunk.cell(i, c)).unwrap_or(""),
-                phone_raw: "",
-                phone_e164: None,
-                sink: None,
-                status: Status::Malformed,
-                http_status: None,
-                attempts: 0,
-                detail: "",
-            };
-            match &meta.outcome {
-                Outcome::Pending => {}
-                Outcome::Malformed(detail) => {
-                    row.phone_raw = first_non_empty_phone(chunk, i, layout);
-                    row.detail = detail;
-                    report.write(&row)?;
-                }
-                Outcome::InvalidPhone { raw_column, reason } => {
-                    row.phone_raw = raw_column.map(raw_of).unwrap_or("");
-                    row.status = Status::InvalidPhone;
-                    let detail = reason.to_string();
-                    row.detail = &detail;
-                    report.write(&row)?;
-                }
-                Outcome::Duplicate {
-                    raw_column,
-                    phone,
-                    first,
-                } => {
-                    row.phone_raw = raw_of(*raw_column);
-                    row.phone_e164 = Some(*phone);
-                    row.status = Status::Duplicate;
-                    let first_name = self
-                        .source_names
-                        .get(first.source as usize)
-                        .map_or("?", |n| &**n);
-                    let detail = format!("duplicate of {first_name}:{}", first.row);
-                    row.detail = &detail;
-                    report.write(&row)?;
-                }
-                Outcome::Unique { raw_column, phone } => {
-                    row.phone_raw = raw_of(*raw_column);
-                    row.phone_e164 = Some(*phone);
-                    let checks = &checked.checks[i * sinks..(i + 1) * sinks];
-                    self.write_checks(report, &mut row, checks)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One row per sink whose outcome was decided before sending.
-    fn write_checks<'r>(
-        &self,
-        report: &mut Report,
-        row: &mut ReportRow<'r>,
-        checks: &'r [Check],
-    ) -> Result<(), ReportError> {
-        for (kind, check) in self.kinds.iter().zip(checks) {
-            row.sink = Some(*kind);
-            let (status, detail) = match check {
-                // In a real run the sink reports this row when its request ends.
-                Check::Ready { .. } if !self.dry_run => continue,
-                Check::Ready { .. } => (Status::DryRun, ""),
-                Check::Unchanged => (Status::Unchanged, ""),
-                Check::Unknown(d) => (Status::Unknown, &**d),
-                Check::Rejected(d) => (Status::Rejected, &**d),
-                Check::Skipped(d) => (Status::Skipped, &**d),
-            };
-            row.status = status;
-            row.detail = detail;
-            report.write(row)?;
-        }
-        Ok(())
-    }
-}
-
-/// The phone text of a malformed row: its first non-empty phone cell, if any was read.
-fn first_non_empty_phone<'a>(chunk: &'a Chunk, i: usize, layout: &Layout) -> &'a str {
-    layout
-        .phones
-        .iter()
-        .map(|&c| chunk.cell(i, c))
-        .find(|v| !v.trim().is_empty())
-        .unwrap_or("")
 }

@@ -10,6 +10,17 @@ use std::sync::Arc;
 
 use crate::phone::{E164, InvalidReason};
 
+/// Where each needed column sits among the projected cells of a chunk.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// (column name, config key that needs it), in cell order.
+    pub columns: Vec<(String, String)>,
+    /// Cell index of each `phone_column`, in config order.
+    pub phones: Vec<usize>,
+    pub country: Option<usize>,
+    pub id: Option<usize>,
+}
+
 /// Where a first occurrence was seen, for `duplicate of <source>:<row>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Position {

@@ -52,7 +52,32 @@ pub enum Status {
     Skipped,
 }
 
+/// Number of [`Status`] values (the width of [`ChunkCounts`]).
+const STATUSES: usize = Status::Skipped as usize + 1;
+
 impl Status {
+    /// Every status, in declaration order (`ALL[s as usize] == s`).
+    const ALL: [Status; STATUSES] = [
+        Status::Malformed,
+        Status::InvalidPhone,
+        Status::Duplicate,
+        Status::Sent,
+        Status::Created,
+        Status::Updated,
+        Status::Deleted,
+        Status::NotFound,
+        Status::Unchanged,
+        Status::DryRun,
+        Status::Rejected,
+        Status::Failed,
+        Status::Unknown,
+        Status::Skipped,
+    ];
+
+    fn from_index(index: usize) -> Status {
+        Status::ALL[index]
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Status::Malformed => "malformed",
@@ -104,8 +129,147 @@ pub struct ReportError {
     pub message: String,
 }
 
+/// Counts per (sink, status) of a batch of rows, in a flat array: counting a
+/// row is one add, where a [`Counts`] map costs a tree walk (see BENCHMARKS.md,
+/// issue 11). Merged into the report's [`Counts`] once per batch.
+#[derive(Clone, Debug)]
+pub struct ChunkCounts(Vec<u64>);
+
+impl ChunkCounts {
+    /// Room for record-level rows and `sinks` sink kinds.
+    pub fn new(sinks: usize) -> ChunkCounts {
+        ChunkCounts(vec![0; (sinks + 1) * STATUSES])
+    }
+
+    pub fn add(&mut self, sink: Option<SinkKind>, status: Status) {
+        let slot = sink.map_or(0, |k| k.index() + 1) * STATUSES + status as usize;
+        if slot >= self.0.len() {
+            self.0.resize(slot + 1, 0);
+        }
+        self.0[slot] += 1;
+    }
+
+    fn merge_into(&self, counts: &mut Counts) {
+        for (slot, &n) in self.0.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let sink = (slot / STATUSES).checked_sub(1).map(SinkKind::from_index);
+            let status = Status::from_index(slot % STATUSES);
+            *counts.entry((sink, status)).or_insert(0) += n;
+        }
+    }
+}
+
+/// How rows become bytes, for the formats that are text (CSV, JSONL). Cheap to
+/// copy to other threads: the render workers encode whole chunks with it, so
+/// the report thread only appends their bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Csv,
+    Jsonl,
+}
+
+impl Encoding {
+    /// Appends `row` and its line end to `out`.
+    pub fn encode(self, row: &ReportRow<'_>, out: &mut Vec<u8>) {
+        match self {
+            Encoding::Csv => encode_csv(row, out),
+            Encoding::Jsonl => encode_jsonl(row, out),
+        }
+    }
+}
+
+/// The header line of a CSV report.
+fn csv_header() -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, name) in COLUMNS.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        csv_field(name.as_bytes(), &mut out);
+    }
+    out.push(b'\n');
+    out
+}
+
+/// One CSV row, byte for byte what `csv::Writer` (default settings) writes —
+/// a proptest below holds it to that.
+///
+/// Written by hand because this is the run's hottest serial loop: about 2.5
+/// report rows per input row, and `csv::Writer::write_record` cost ≈ 180
+/// instructions per field (callgrind, issue 11) in its general state machine
+/// (any delimiter, quote style, terminator, buffer boundary). Our fields are
+/// short and the dialect is fixed, so one scan and one copy suffice.
+fn encode_csv(r: &ReportRow<'_>, out: &mut Vec<u8>) {
+    let mut numbers = itoa::Buffer::new();
+    csv_field(r.source.as_bytes(), out);
+    out.push(b',');
+    out.extend_from_slice(numbers.format(r.row).as_bytes());
+    out.push(b',');
+    csv_field(r.record_id.as_bytes(), out);
+    out.push(b',');
+    csv_field(r.phone_raw.as_bytes(), out);
+    out.push(b',');
+    if let Some(p) = r.phone_e164 {
+        out.push(b'+');
+        out.extend_from_slice(numbers.format(p.0).as_bytes());
+    }
+    out.push(b',');
+    out.extend_from_slice(r.sink.map(SinkKind::name).unwrap_or("").as_bytes());
+    out.push(b',');
+    out.extend_from_slice(r.status.name().as_bytes());
+    out.push(b',');
+    if let Some(s) = r.http_status {
+        out.extend_from_slice(numbers.format(s).as_bytes());
+    }
+    out.push(b',');
+    out.extend_from_slice(numbers.format(r.attempts).as_bytes());
+    out.push(b',');
+    csv_field(r.detail.as_bytes(), out);
+    out.push(b'\n');
+}
+
+/// A field as RFC 4180 wants it: quoted (quotes doubled) only when it holds a
+/// comma, a quote or a line break — `csv`'s `QuoteStyle::Necessary`.
+fn csv_field(field: &[u8], out: &mut Vec<u8>) {
+    if !field
+        .iter()
+        .any(|&b| matches!(b, b',' | b'"' | b'\n' | b'\r'))
+    {
+        out.extend_from_slice(field);
+        return;
+    }
+    out.push(b'"');
+    for &b in field {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+}
+
+fn encode_jsonl(r: &ReportRow<'_>, out: &mut Vec<u8>) {
+    let row = JsonRow {
+        source: r.source,
+        row: r.row,
+        record_id: r.record_id,
+        phone_raw: r.phone_raw,
+        phone_e164: r.phone_e164.map(|p| p.to_string()),
+        sink: r.sink.map(SinkKind::name),
+        status: r.status.name(),
+        http_status: r.http_status,
+        attempts: r.attempts,
+        detail: r.detail,
+    };
+    // Serializing plain strings and numbers into memory cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &row);
+    out.push(b'\n');
+}
+
+/// Where [`Report`] sends rows: a text file (CSV, JSONL) or Parquet.
 trait Sink {
     fn write(&mut self, row: &ReportRow<'_>) -> Result<(), String>;
+    /// Appends rows already encoded (text formats only).
+    fn write_encoded(&mut self, bytes: &[u8]) -> Result<(), String>;
     /// Pushes buffered rows to the file (Parquet: none until the next row group).
     fn flush(&mut self) -> Result<(), String>;
     fn finish(self: Box<Self>) -> Result<(), String>;
@@ -118,6 +282,7 @@ pub type Counts = BTreeMap<(Option<SinkKind>, Status), u64>;
 pub struct Report {
     path: PathBuf,
     out: Box<dyn Sink + Send>,
+    encoding: Option<Encoding>,
     counts: Counts,
 }
 
@@ -136,21 +301,23 @@ impl Report {
             }
             File::create(path).map_err(|e| err(format!("cannot create: {e}")))
         };
-        let out: Box<dyn Sink + Send> = if lower.ends_with(".csv") {
-            let mut w = csv::WriterBuilder::new()
-                .buffer_capacity(256 * 1024)
-                .from_writer(file()?);
-            w.write_record(COLUMNS).map_err(|e| err(e.to_string()))?;
-            Box::new(CsvSink {
+        let text = |encoding: Encoding, header: Vec<u8>| -> Result<_, ReportError> {
+            let mut w = BufWriter::with_capacity(256 * 1024, file()?);
+            w.write_all(&header).map_err(|e| err(e.to_string()))?;
+            let out: Box<dyn Sink + Send> = Box::new(TextSink {
                 w,
-                buf: String::new(),
-            })
+                encoding,
+                scratch: Vec::new(),
+            });
+            Ok((out, Some(encoding)))
+        };
+        let (out, encoding) = if lower.ends_with(".csv") {
+            text(Encoding::Csv, csv_header())?
         } else if lower.ends_with(".jsonl") || lower.ends_with(".ndjson") {
-            Box::new(JsonlSink {
-                w: BufWriter::with_capacity(256 * 1024, file()?),
-            })
+            text(Encoding::Jsonl, Vec::new())?
         } else if lower.ends_with(".parquet") {
-            Box::new(ParquetSink::new(file()?).map_err(err)?)
+            let out: Box<dyn Sink + Send> = Box::new(ParquetSink::new(file()?).map_err(err)?);
+            (out, None)
         } else {
             return Err(err(
                 "unknown report format; name it .csv, .jsonl or .parquet".into(),
@@ -159,8 +326,26 @@ impl Report {
         Ok(Report {
             path: path.to_owned(),
             out,
+            encoding,
             counts: Counts::new(),
         })
+    }
+
+    /// How other threads may encode rows for [`Report::write_encoded`]; `None`
+    /// for Parquet, whose rows go through [`Report::write`].
+    pub fn encoding(&self) -> Option<Encoding> {
+        self.encoding
+    }
+
+    /// Appends rows another thread encoded with [`Report::encoding`], and their counts.
+    pub fn write_encoded(&mut self, bytes: &[u8], counts: &ChunkCounts) -> Result<(), ReportError> {
+        counts.merge_into(&mut self.counts);
+        self.out
+            .write_encoded(bytes)
+            .map_err(|message| ReportError {
+                path: self.path.clone(),
+                message,
+            })
     }
 
     /// Writes one row and counts it.
@@ -191,53 +376,12 @@ impl Report {
     }
 }
 
-struct CsvSink {
-    w: csv::Writer<File>,
-    buf: String,
-}
-
-impl Sink for CsvSink {
-    fn write(&mut self, r: &ReportRow<'_>) -> Result<(), String> {
-        use std::fmt::Write as _;
-        // Numbers are formatted into one scratch buffer, then sliced: no allocation per row.
-        self.buf.clear();
-        let _ = write!(self.buf, "{}", r.row);
-        let row_end = self.buf.len();
-        if let Some(p) = r.phone_e164 {
-            p.write_to(&mut self.buf);
-        }
-        let e164_end = self.buf.len();
-        if let Some(s) = r.http_status {
-            let _ = write!(self.buf, "{s}");
-        }
-        let http_end = self.buf.len();
-        let _ = write!(self.buf, "{}", r.attempts);
-        let fields: [&str; 10] = [
-            r.source,
-            &self.buf[..row_end],
-            r.record_id,
-            r.phone_raw,
-            &self.buf[row_end..e164_end],
-            r.sink.map(SinkKind::name).unwrap_or(""),
-            r.status.name(),
-            &self.buf[e164_end..http_end],
-            &self.buf[http_end..],
-            r.detail,
-        ];
-        self.w.write_record(fields).map_err(|e| e.to_string())
-    }
-
-    fn flush(&mut self) -> Result<(), String> {
-        self.w.flush().map_err(|e| e.to_string())
-    }
-
-    fn finish(mut self: Box<Self>) -> Result<(), String> {
-        self.w.flush().map_err(|e| e.to_string())
-    }
-}
-
-struct JsonlSink {
+/// A CSV or JSONL report: encoded rows through a buffer to the file.
+struct TextSink {
     w: BufWriter<File>,
+    encoding: Encoding,
+    /// One row's bytes, reused.
+    scratch: Vec<u8>,
 }
 
 #[derive(serde::Serialize)]
@@ -254,22 +398,15 @@ struct JsonRow<'a> {
     detail: &'a str,
 }
 
-impl Sink for JsonlSink {
+impl Sink for TextSink {
     fn write(&mut self, r: &ReportRow<'_>) -> Result<(), String> {
-        let row = JsonRow {
-            source: r.source,
-            row: r.row,
-            record_id: r.record_id,
-            phone_raw: r.phone_raw,
-            phone_e164: r.phone_e164.map(|p| p.to_string()),
-            sink: r.sink.map(SinkKind::name),
-            status: r.status.name(),
-            http_status: r.http_status,
-            attempts: r.attempts,
-            detail: r.detail,
-        };
-        serde_json::to_writer(&mut self.w, &row).map_err(|e| e.to_string())?;
-        self.w.write_all(b"\n").map_err(|e| e.to_string())
+        self.scratch.clear();
+        self.encoding.encode(r, &mut self.scratch);
+        self.w.write_all(&self.scratch).map_err(|e| e.to_string())
+    }
+
+    fn write_encoded(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.w.write_all(bytes).map_err(|e| e.to_string())
     }
 
     fn flush(&mut self) -> Result<(), String> {
@@ -358,6 +495,10 @@ impl ParquetSink {
 }
 
 impl Sink for ParquetSink {
+    fn write_encoded(&mut self, _bytes: &[u8]) -> Result<(), String> {
+        Err("internal: Parquet rows cannot come pre-encoded".into())
+    }
+
     fn write(&mut self, r: &ReportRow<'_>) -> Result<(), String> {
         self.source.append_value(r.source);
         self.row.append_value(r.row);
@@ -386,5 +527,92 @@ impl Sink for ParquetSink {
         self.flush_batch()?;
         self.writer.close().map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn row<'a>(
+        texts: &'a [String; 4],
+        numbers: (u64, Option<u64>, Option<u16>, u32),
+    ) -> ReportRow<'a> {
+        ReportRow {
+            source: &texts[0],
+            row: numbers.0,
+            record_id: &texts[1],
+            phone_raw: &texts[2],
+            phone_e164: numbers.1.map(E164),
+            sink: Some(SinkKind::from_index(1)),
+            status: Status::Rejected,
+            http_status: numbers.2,
+            attempts: numbers.3,
+            detail: &texts[3],
+        }
+    }
+
+    /// What the `csv` crate writes for the same row (the reference of `encode_csv`).
+    fn with_csv_crate(r: &ReportRow<'_>) -> Vec<u8> {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let e164 = r.phone_e164.map(|p| p.to_string()).unwrap_or_default();
+        let http = r.http_status.map(|s| s.to_string()).unwrap_or_default();
+        w.write_record([
+            r.source,
+            &r.row.to_string(),
+            r.record_id,
+            r.phone_raw,
+            &e164,
+            r.sink.map(SinkKind::name).unwrap_or(""),
+            r.status.name(),
+            &http,
+            &r.attempts.to_string(),
+            r.detail,
+        ])
+        .unwrap();
+        w.into_inner().unwrap()
+    }
+
+    proptest! {
+        /// Byte for byte what `csv::Writer` writes, for any text (quotes, commas,
+        /// CR, LF, non-ASCII, empty) and any numbers.
+        #[test]
+        fn csv_encoding_matches_the_csv_crate(
+            texts in proptest::array::uniform4("[a-z\",\r\n é+;]{0,12}"),
+            numbers in (any::<u64>(), proptest::option::of(1u64..999_999_999_999_999), any::<Option<u16>>(), any::<u32>()),
+        ) {
+            let r = row(&texts, numbers);
+            let mut ours = Vec::new();
+            Encoding::Csv.encode(&r, &mut ours);
+            prop_assert_eq!(ours, with_csv_crate(&r));
+        }
+    }
+
+    #[test]
+    fn csv_header_matches_the_csv_crate() {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.write_record(COLUMNS).unwrap();
+        assert_eq!(csv_header(), w.into_inner().unwrap());
+    }
+
+    #[test]
+    fn chunk_counts_merge_into_the_summary_counts() {
+        let mut chunk = ChunkCounts::new(3);
+        chunk.add(None, Status::InvalidPhone);
+        chunk.add(Some(SinkKind::from_index(2)), Status::DryRun);
+        chunk.add(Some(SinkKind::from_index(2)), Status::DryRun);
+        chunk.add(Some(SinkKind::from_index(0)), Status::Skipped);
+        let mut counts = Counts::new();
+        chunk.merge_into(&mut counts);
+        chunk.merge_into(&mut counts);
+        let expected: Counts = [
+            ((None, Status::InvalidPhone), 2),
+            ((Some(SinkKind::from_index(2)), Status::DryRun), 4),
+            ((Some(SinkKind::from_index(0)), Status::Skipped), 2),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(counts, expected);
     }
 }

@@ -79,6 +79,16 @@ impl SinkKind {
         REGISTRY.get(self.0 as usize).map(|p| p.name).unwrap_or("?")
     }
 
+    /// Its place in [`REGISTRY`] (dense: for per-kind arrays).
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The kind at `index` in [`REGISTRY`].
+    pub fn from_index(index: usize) -> SinkKind {
+        SinkKind(index as u8)
+    }
+
     /// The kind registered under `name`.
     pub fn by_name(name: &str) -> Option<SinkKind> {
         REGISTRY
