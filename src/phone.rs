@@ -30,8 +30,10 @@
 //! can be read side by side. The agreement with Python `phonenumbers` (a port of
 //! the same library) is measured on a committed corpus by `tests/phone_corpus.rs`.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::sync::OnceLock;
+
+use hashbrown::HashMap;
 
 use phonenumber::metadata::{DATABASE, Descriptor, Metadata};
 use regex::Regex;
@@ -173,10 +175,11 @@ struct CompiledRegion {
     /// Union of the types' possible lengths (libphonenumber's build step computes it).
     general_lengths: Vec<u16>,
     general_local_lengths: Vec<u16>,
-    /// The descriptors `getNumberTypeHelper` tries; a number is valid when one matches.
+    /// The descriptors `getNumberTypeHelper` tries; a number is valid when one
+    /// matches. The mobile one, if any, comes first.
     types: Vec<CompiledDesc>,
-    /// Index of the mobile descriptor in `types`, if the region has one.
-    mobile: Option<usize>,
+    /// Whether `types[0]` is the mobile descriptor.
+    has_mobile: bool,
 }
 
 /// Compiles a metadata pattern. Metadata patterns contain layout whitespace,
@@ -194,7 +197,12 @@ fn anchored(pattern: &str, full: bool) -> Regex {
 impl CompiledRegion {
     fn new(meta: &Metadata) -> CompiledRegion {
         let d = meta.descriptors();
+        // Mobile first: a CRM's numbers are mostly mobiles, so the first type
+        // tried usually matches. libphonenumber tries premium rate first, but
+        // only to name the type; whether *some* type matches (validity) does
+        // not depend on the order, and the only type we need is "mobile".
         let typed: Vec<&Descriptor> = [
+            d.mobile(),
             d.premium_rate(),
             d.toll_free(),
             d.shared_cost(),
@@ -204,13 +212,11 @@ impl CompiledRegion {
             d.uan(),
             d.voicemail(),
             d.fixed_line(),
-            d.mobile(),
         ]
         .into_iter()
         .flatten()
         .collect();
-        // The mobile descriptor is pushed last when present (see the array above).
-        let mobile = d.mobile().map(|_| typed.len() - 1);
+        let has_mobile = d.mobile().is_some();
         let mut general_lengths: Vec<u16> = Vec::new();
         let mut general_local_lengths: Vec<u16> = Vec::new();
         for desc in &typed {
@@ -243,13 +249,8 @@ impl CompiledRegion {
             general_lengths,
             general_local_lengths,
             types: typed.into_iter().map(CompiledDesc::new).collect(),
-            mobile,
+            has_mobile,
         }
-    }
-
-    /// Whether a valid `nsn` of this region is a mobile number (mobile or fixed-line-or-mobile).
-    fn is_mobile_nsn(&self, nsn: &str) -> bool {
-        self.mobile.is_some_and(|m| self.types[m].matches(nsn))
     }
 
     /// libphonenumber's `matchNationalNumber(number, generalDesc, false)`.
@@ -259,7 +260,17 @@ impl CompiledRegion {
 
     /// libphonenumber's `getNumberTypeHelper(..) != UNKNOWN`.
     fn is_valid_nsn(&self, nsn: &str) -> bool {
-        self.general_matches(nsn) && self.types.iter().any(|t| t.matches(nsn))
+        self.classify(nsn).is_some()
+    }
+
+    /// `None` when `nsn` is not valid here, else whether it is a mobile number
+    /// (mobile or fixed-line-or-mobile); each pattern is matched at most once.
+    fn classify(&self, nsn: &str) -> Option<bool> {
+        if !self.general_matches(nsn) {
+            return None;
+        }
+        let index = self.types.iter().position(|t| t.matches(nsn))?;
+        Some(index == 0 && self.has_mobile)
     }
 
     /// libphonenumber's `testNumberLength(number, metadata)` (type UNKNOWN).
@@ -441,15 +452,11 @@ impl PhoneNormalizer {
                 });
             }
         };
-        if let Some(region) = self.region_for_number(code, &nsn) {
-            if !region.is_mobile_nsn(&nsn)
-                && let Some(mobile) = self.forgotten_plus_mobile(raw, code)
-            {
-                return Ok(mobile);
-            }
-            Ok(to_e164(code, &nsn))
-        } else {
-            Err(self.explain_invalid(code, &nsn))
+        let is_mobile = self.region_for_number(code, &nsn).map(|(_, m)| m);
+        match is_mobile {
+            Some(false) if let Some(mobile) = self.forgotten_plus_mobile(raw, code) => Ok(mobile),
+            Some(_) => Ok(to_e164(code, &nsn)),
+            None => Err(self.explain_invalid(code, &nsn)),
         }
     }
 
@@ -473,10 +480,8 @@ impl PhoneNormalizer {
             return None;
         }
         let (alt_code, alt_nsn) = self.parse(&format!("+{digits}"), None).ok()?;
-        let region = self.region_for_number(alt_code, &alt_nsn)?;
-        region
-            .is_mobile_nsn(&alt_nsn)
-            .then(|| to_e164(alt_code, &alt_nsn))
+        let (_, is_mobile) = self.region_for_number(alt_code, &alt_nsn)?;
+        is_mobile.then(|| to_e164(alt_code, &alt_nsn))
     }
 
     /// Why a parsed number is not valid: length first, then pattern.
@@ -503,8 +508,8 @@ impl PhoneNormalizer {
 
     /// libphonenumber's `isValidNumber`: find the region for the number among
     /// those sharing its code (`getRegionCodeForNumber`), then match its types.
-    /// Returns that region when the number is valid in it.
-    fn region_for_number(&mut self, code: u16, nsn: &str) -> Option<&CompiledRegion> {
+    /// Returns that region when the number is valid in it, and whether it is a mobile.
+    fn region_for_number(&mut self, code: u16, nsn: &str) -> Option<(&CompiledRegion, bool)> {
         let metas = directory().by_code.get(&code)?;
         let mut found = None;
         if metas.len() == 1 {
@@ -527,7 +532,7 @@ impl PhoneNormalizer {
             }
         }
         let region = self.compiled(found?);
-        region.is_valid_nsn(nsn).then_some(region)
+        region.classify(nsn).map(|is_mobile| (region, is_mobile))
     }
 
     /// libphonenumber's `parseHelper`: returns (country code, national significant number).
@@ -679,8 +684,13 @@ fn decimal_digit(c: char) -> Option<u8> {
 }
 
 /// libphonenumber's `buildNationalNumberForParsing`, including RFC 3966 `tel:` URIs.
-fn build_national_number_for_parsing(raw: &str) -> String {
+/// Borrows from `raw` unless a `;` parameter (`phone-context`, `isub`) needs work.
+fn build_national_number_for_parsing(raw: &str) -> Cow<'_, str> {
     const PHONE_CONTEXT: &str = ";phone-context=";
+    if !raw.contains(';') {
+        // Neither parameter can be there: the common case, without a copy.
+        return Cow::Borrowed(extract_possible_number(raw));
+    }
     let mut out = String::new();
     if let Some(index) = raw.find(PHONE_CONTEXT) {
         let context_start = index + PHONE_CONTEXT.len();
@@ -699,7 +709,7 @@ fn build_national_number_for_parsing(raw: &str) -> String {
     if let Some(index) = out.find(";isub=") {
         out.truncate(index);
     }
-    out
+    Cow::Owned(out)
 }
 
 /// libphonenumber's `extractPossibleNumber`: from the first `+` or digit, minus
@@ -713,9 +723,12 @@ fn extract_possible_number(raw: &str) -> &str {
     // UNWANTED_END_CHAR_PATTERN: trailing chars that are neither letters, numbers nor '#'.
     number = number.trim_end_matches(|c: char| !(c.is_alphanumeric() || c == '#'));
     static SECOND_NUMBER_START: OnceLock<Regex> = OnceLock::new();
-    let second = SECOND_NUMBER_START.get_or_init(|| Regex::new(r"[\\/] *x").unwrap());
-    if let Some(m) = second.find(number) {
-        number = &number[..m.start()];
+    // The pattern starts with `/` or `\`: without either there is nothing to find.
+    if number.bytes().any(|b| b == b'/' || b == b'\\') {
+        let second = SECOND_NUMBER_START.get_or_init(|| Regex::new(r"[\\/] *x").unwrap());
+        if let Some(m) = second.find(number) {
+            number = &number[..m.start()];
+        }
     }
     number
 }
@@ -741,8 +754,44 @@ fn extension_pattern_source() -> String {
     format!("{rfc}|{explicit_extn}|{ambiguous_extn}|{american}|{auto_dialling}|{only_commas}")
 }
 
+/// Whether `text` uses only the plain phone alphabet: ASCII digits and
+/// `+ ( ) - . /` and space — how most exports write numbers.
+///
+/// Plain text cannot hold an extension: every alternative of the extension
+/// pattern needs a letter, `#`, `~`, `,` or `;`. And libphonenumber's
+/// VALID_PHONE_NUMBER_PATTERN reduces, on plain text, to a count of digits
+/// (see [`plain_is_viable`]). So plain text skips both regexes; the proptests
+/// below hold both shortcuts to the regexes they replace.
+fn is_plain(text: &str) -> bool {
+    text.bytes().all(|b| {
+        matches!(
+            b,
+            b'0'..=b'9' | b'+' | b'(' | b')' | b'-' | b'.' | b'/' | b' '
+        )
+    })
+}
+
+/// VALID_PHONE_NUMBER_PATTERN on plain text ([`is_plain`]): exactly two
+/// digits, or leading `+`s then punctuation and at least three digits (every
+/// other plain character is punctuation to libphonenumber).
+fn plain_is_viable(number: &str) -> bool {
+    let digits = number.bytes().filter(u8::is_ascii_digit).count();
+    if number.len() == 2 && digits == 2 {
+        return true;
+    }
+    digits >= 3 && !number.trim_start_matches('+').contains('+')
+}
+
 /// libphonenumber's `isViablePhoneNumber` (VALID_PHONE_NUMBER_PATTERN, full match).
 fn is_viable_phone_number(number: &str) -> bool {
+    if is_plain(number) {
+        return plain_is_viable(number);
+    }
+    is_viable_by_pattern(number)
+}
+
+/// [`is_viable_phone_number`] by libphonenumber's pattern itself.
+fn is_viable_by_pattern(number: &str) -> bool {
     static VALID: OnceLock<Regex> = OnceLock::new();
     if number.chars().count() < MIN_LENGTH_FOR_NSN {
         return false;
@@ -764,6 +813,14 @@ fn is_viable_phone_number(number: &str) -> bool {
 
 /// libphonenumber's `maybeStripExtension`: returns the number without its extension.
 fn maybe_strip_extension(number: &str) -> &str {
+    if is_plain(number) {
+        return number; // No extension can be written in plain text (see `is_plain`).
+    }
+    strip_extension_by_pattern(number)
+}
+
+/// [`maybe_strip_extension`] by libphonenumber's pattern itself.
+fn strip_extension_by_pattern(number: &str) -> &str {
     static EXTN: OnceLock<Regex> = OnceLock::new();
     let re = EXTN
         .get_or_init(|| Regex::new(&format!("(?i)(?:{})$", extension_pattern_source())).unwrap());
@@ -888,6 +945,30 @@ pub fn weni_digit_count_ok(e164: E164) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The plain-text shortcut of `isViablePhoneNumber` agrees with the pattern.
+        #[test]
+        fn plain_viability_agrees_with_the_pattern(text in "[0-9+()./ -]{0,20}") {
+            prop_assert!(is_plain(&text));
+            prop_assert_eq!(plain_is_viable(&text), is_viable_by_pattern(&text), "{:?}", text);
+        }
+
+        /// Plain text never holds an extension for the pattern either.
+        #[test]
+        fn plain_text_has_no_extension_for_the_pattern(text in "[0-9+()./ -]{0,24}") {
+            prop_assert_eq!(strip_extension_by_pattern(&text), text.as_str());
+        }
+
+        /// Text just outside the plain alphabet takes the pattern's path.
+        #[test]
+        fn text_with_other_characters_is_not_plain(
+            text in "[0-9+()./ -]{0,8}[x#~,;a-zA-Z\u{a0}][0-9+()./ -]{0,8}"
+        ) {
+            prop_assert!(!is_plain(&text));
+        }
+    }
 
     fn br() -> PhoneNormalizer {
         PhoneNormalizer::new(Some("BR".into()))
