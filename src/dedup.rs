@@ -7,6 +7,12 @@
 //! resize (7/16), that is at most 13 × 16 / 7 ≈ 29.7 bytes per unique phone,
 //! and ≈ 15–26 bytes typically — under SPEC's 32. Ordinals map back to
 //! `(source, row)` through the small per-source table in [`Dedup`].
+//!
+//! A single table doubles in one step, holding old and new buckets at once:
+//! right after 1M phones that transient is 1.5× the table (≈ 20 MB for 13).
+//! So the set is split into [`SHARDS`] tables by hash bits, each growing on
+//! its own: a resize then costs 1/64 of the set, and peak memory follows the
+//! number of phones instead of jumping at each power of two.
 
 use hashbrown::HashTable;
 
@@ -15,6 +21,14 @@ use crate::record::Position;
 
 const PHONE_BITS: u32 = 57;
 const ORDINAL_BITS: u32 = 39;
+/// Tables the set is split into (see the module comment).
+const SHARDS: usize = 64;
+
+/// The shard of a hash. Bits 40–45: hashbrown indexes buckets with the low
+/// bits and tags them with the top 7, so a shard must take neither.
+fn shard_of(h: u64) -> usize {
+    (h >> 40) as usize % SHARDS
+}
 
 /// splitmix64's finalizer: a cheap, well-mixed hash for integer keys.
 fn hash(phone: u64) -> u64 {
@@ -46,7 +60,7 @@ impl Entry {
 
 /// The set of numbers seen so far in this run.
 pub struct Dedup {
-    table: HashTable<Entry>,
+    shards: Vec<HashTable<Entry>>,
     /// Global ordinal of each source's first row (sources in run order).
     source_starts: Vec<u64>,
     /// Next global ordinal to hand out.
@@ -63,7 +77,7 @@ impl Default for Dedup {
 impl Dedup {
     pub fn new() -> Dedup {
         Dedup {
-            table: HashTable::new(),
+            shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
             source_starts: Vec::new(),
             next_ordinal: 0,
             current_source: None,
@@ -89,11 +103,12 @@ impl Dedup {
         self.next_ordinal = self.next_ordinal.max(ordinal + 1);
         debug_assert!(ordinal < 1 << ORDINAL_BITS);
         let h = hash(phone.0);
-        if let Some(first) = self.table.find(h, |e| e.phone() == phone.0) {
-            return Some(self.position_of(first.ordinal()));
+        let table = &mut self.shards[shard_of(h)];
+        if let Some(first) = table.find(h, |e| e.phone() == phone.0) {
+            let first = first.ordinal();
+            return Some(self.position_of(first));
         }
-        self.table
-            .insert_unique(h, Entry::new(phone.0, ordinal), |e| hash(e.phone()));
+        table.insert_unique(h, Entry::new(phone.0, ordinal), |e| hash(e.phone()));
         None
     }
 
@@ -110,11 +125,31 @@ impl Dedup {
 
     /// Number of unique phones.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.shards.iter().map(HashTable::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.shards.iter().all(HashTable::is_empty)
+    }
+
+    /// Bytes the tables hold (buckets and control bytes).
+    #[cfg(test)]
+    fn allocated_bytes(&self) -> usize {
+        self.shards.iter().map(HashTable::allocation_size).sum()
+    }
+
+    /// Bytes allocated at the worst moment of the next insert: one shard
+    /// holding its old and its doubled buckets while it resizes.
+    #[cfg(test)]
+    fn peak_bytes_of_next_insert(&self) -> usize {
+        let largest_resize = self
+            .shards
+            .iter()
+            .filter(|t| t.len() == t.capacity())
+            .map(|t| 2 * t.allocation_size())
+            .max()
+            .unwrap_or(0);
+        self.allocated_bytes() + largest_resize
     }
 }
 
@@ -142,6 +177,27 @@ mod tests {
     #[test]
     fn entry_is_twelve_bytes() {
         assert_eq!(std::mem::size_of::<Entry>(), 12);
+    }
+
+    /// Regression for the RSS growth of issue 11 (53 B per unique phone): one
+    /// table doubling at once cost 1.5× its size at the peak.
+    #[test]
+    fn memory_per_unique_phone_stays_under_32_bytes_while_growing() {
+        let mut d = Dedup::new();
+        let mut worst = 0f64;
+        for i in 1..=600_000u64 {
+            let phone = 5_511_900_000_000 + i * 7919 % 99_999_999;
+            d.check(E164(phone), at(0, i));
+            if i >= 50_000 && i % 1000 == 0 {
+                let per_phone = d.peak_bytes_of_next_insert() as f64 / d.len() as f64;
+                worst = worst.max(per_phone);
+            }
+        }
+        assert_eq!(d.len(), 600_000);
+        assert!(
+            worst <= 32.0,
+            "{worst:.1} bytes per unique phone at the peak"
+        );
     }
 
     proptest! {

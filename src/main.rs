@@ -10,13 +10,6 @@ use crm_import::config::Config;
 use crm_import::pipeline;
 use crm_import::sandbox::Sandbox;
 
-/// mimalloc instead of glibc's malloc: the pipeline frees most of what it
-/// allocates on another thread (chunks travel reader → worker → merger →
-/// report), which glibc's per-thread arenas handle slowly; measured in
-/// BENCHMARKS.md ("Issue 11").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     match run() {
         Ok(code) => ExitCode::from(code),

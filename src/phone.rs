@@ -79,8 +79,8 @@ impl E164 {
 
     /// Appends `+digits` to `out` without allocating.
     pub fn write_to(self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = write!(out, "+{}", self.0);
+        out.push('+');
+        out.push_str(itoa::Buffer::new().format(self.0));
     }
 }
 

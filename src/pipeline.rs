@@ -38,7 +38,7 @@ use crate::config::{Config, InputConfig};
 use crate::dedup::Dedup;
 use crate::phone::{E164, PhoneNormalizer};
 use crate::progress::{Progress, ReadMeter, SinkMeter};
-use crate::record::{Chunk, Layout, Outcome, Position};
+use crate::record::{Chunk, Layout, MAX_CHUNK_BYTES, Outcome, Position};
 use crate::render::{ChunkReport, Rendered};
 use crate::report::{Counts, Encoding, Report, ReportError, ReportRow};
 use crate::sandbox::{SANDBOX_TOKEN, Sandbox, SandboxOptions};
@@ -50,12 +50,15 @@ use crate::source::{self, SourceError};
 use crate::state::{RunLock, Scope, SinkIndex, StateError, StateThread, StateWriter};
 use crate::summary::{RunOutcome, SinkPlan, SinkSummary};
 
-/// Rows per chunk: big enough to amortize channel hand-offs, small enough to keep memory flat.
-pub const CHUNK_ROWS: usize = 4096;
+/// Rows per chunk: big enough to amortize channel hand-offs, small enough to
+/// keep memory flat. The pipeline holds about 20 chunks (text plus rendered
+/// report) at once: at 4,096 rows that was ≈ 30 MB, only reached after a few
+/// hundred thousand rows, which showed up as RSS growth per phone (issue 11).
+pub const CHUNK_ROWS: usize = 1024;
 /// Chunks per channel.
 const CHANNEL_CHUNKS: usize = 4;
 /// Chunks between the reader and the merger at most (bounds the merger's reorder buffer).
-const IN_FLIGHT_CHUNKS: usize = 16;
+const IN_FLIGHT_CHUNKS: usize = 8;
 
 /// Why a run could not be done (exit 1).
 #[derive(Debug, thiserror::Error)]
@@ -291,7 +294,7 @@ impl Run<'_> {
         tokens: Vec<String>,
         state: Option<(StateWriter, StateThread)>,
     ) -> Result<RunOutcome, RunError> {
-        let (report_tx, report_rx) = bounded::<ReportMsg>(CHANNEL_CHUNKS * 4);
+        let (report_tx, report_rx) = bounded::<ReportMsg>(CHANNEL_CHUNKS);
         let writer = state.as_ref().map(|(w, _)| w.clone());
         let lanes = match self.options.dry_run {
             true => Vec::new(),
@@ -699,6 +702,8 @@ impl ChunkReader<'_> {
     /// Every input in order, cut into chunks. Returns rows read.
     fn read_all(&self, files: &[source::InputFile], tx: Sender<Result<Chunk, SourceError>>) -> u64 {
         let (mut seq, mut rows, mut bytes_before) = (0, 0, 0);
+        // Cell text of the last chunk, plus an eighth: the next one's reservation.
+        let mut text_hint = 0;
         for (index, file) in files.iter().enumerate() {
             let layout = &self.stages.layout;
             let opened = source::open(file, &self.stages.input).and_then(|mut reader| {
@@ -722,7 +727,9 @@ impl ChunkReader<'_> {
                     return rows;
                 }
                 let mut chunk = Chunk::new(seq, index as u32, name.clone(), layout.columns.len());
+                chunk.reserve(CHUNK_ROWS, text_hint);
                 let filled = reader.fill(&mut chunk, CHUNK_ROWS);
+                text_hint = (chunk.text_len() + chunk.text_len() / 8).min(MAX_CHUNK_BYTES);
                 rows += chunk.len() as u64;
                 self.read.rows.store(rows, Ordering::Relaxed);
                 let at = bytes_before + reader.bytes_read();

@@ -96,6 +96,14 @@ impl Chunk {
         }
     }
 
+    /// Reserves room for `rows` rows and `text_bytes` of cell text up front:
+    /// readers pass the previous chunk's size, so filling never reallocates.
+    pub fn reserve(&mut self, rows: usize, text_bytes: usize) {
+        self.rows.reserve(rows);
+        self.ends.reserve(rows * self.width);
+        self.text.reserve(text_bytes);
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }

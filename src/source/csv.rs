@@ -289,15 +289,19 @@ impl Reader for CsvReader {
             }
             match self.encoding {
                 Encoding::Utf8 => {
-                    if let Err(e) = std::str::from_utf8(self.record.as_slice()) {
-                        let detail = self.utf8_problem(e.valid_up_to());
-                        chunk.finish_malformed(detail);
-                        continue;
-                    }
+                    let text = match std::str::from_utf8(self.record.as_slice()) {
+                        Ok(text) => text,
+                        Err(e) => {
+                            let detail = self.utf8_problem(e.valid_up_to());
+                            chunk.finish_malformed(detail);
+                            continue;
+                        }
+                    };
+                    // Validated once for the whole record: each cell is a slice of it
+                    // (fields end at ASCII delimiters, so on char boundaries).
                     for &column in &self.projection {
-                        let bytes = &self.record[column];
-                        // Validated above for the whole record.
-                        chunk.push_cell(std::str::from_utf8(bytes).unwrap_or_default());
+                        let range = self.record.range(column).unwrap_or_default();
+                        chunk.push_cell(text.get(range).unwrap_or_default());
                     }
                 }
                 Encoding::Windows1252 => {

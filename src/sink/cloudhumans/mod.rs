@@ -170,13 +170,17 @@ impl Sink for CloudHumans {
 /// The only per-row rule the API documents beyond E.164: `header_attachment`
 /// must be an http(s) URL of at most 2,000 characters.
 fn check(config: &CloudHumansConfig, row: RowView<'_>, phone: E164, with_hash: bool) -> Check {
-    if let Some(header) = &config.header_attachment
-        && let Some(url) = header.render(|i| row.cell(i))
-        && (!(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2000)
-    {
-        return Check::Rejected(
-            "header_attachment must be an http(s) URL of at most 2000 characters".into(),
-        );
+    if let Some(header) = &config.header_attachment {
+        let bad_url = crate::template::with_scratch(|url| {
+            header.render_into(|i| row.cell(i), url)
+                && (!(url.starts_with("http://") || url.starts_with("https://"))
+                    || url.len() > 2000)
+        });
+        if bad_url {
+            return Check::Rejected(
+                "header_attachment must be an http(s) URL of at most 2000 characters".into(),
+            );
+        }
     }
     // Recorded for the record only: a template goes to a phone at most once,
     // whatever its variables (SPEC "Incremental sync").

@@ -151,9 +151,22 @@ impl Weni {
 
 /// The URN of a number in the configured scheme (API.md §1.3.1).
 pub fn urn(scheme: UrnScheme, phone: E164) -> String {
+    let mut out = String::with_capacity(24);
+    write_urn(scheme, phone, &mut out);
+    out
+}
+
+/// Appends the URN of `phone` to `out` (the allocation-free form of [`urn`]).
+fn write_urn(scheme: UrnScheme, phone: E164, out: &mut String) {
     match scheme {
-        UrnScheme::Whatsapp => format!("whatsapp:{}", phone.0),
-        UrnScheme::Tel => format!("tel:{phone}"),
+        UrnScheme::Whatsapp => {
+            out.push_str("whatsapp:");
+            out.push_str(itoa::Buffer::new().format(phone.0));
+        }
+        UrnScheme::Tel => {
+            out.push_str("tel:");
+            phone.write_to(out);
+        }
     }
 }
 
@@ -170,16 +183,15 @@ fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) ->
         );
     }
     let mut hash = PayloadHasher::default();
-    hash.add(urn(config.urn_scheme, phone).as_bytes());
-    if config.mode == WeniMode::Delete {
-        hash.add(b"delete");
-        return Check::Ready {
-            group: 0,
-            hash: hash.finish(),
-        };
-    }
-
     let rejected = crate::template::with_scratch(|buf| {
+        // Same bytes as `urn()`, written into the scratch buffer: this runs per row.
+        buf.clear();
+        write_urn(config.urn_scheme, phone, buf);
+        hash.add(buf.as_bytes());
+        if config.mode == WeniMode::Delete {
+            hash.add(b"delete");
+            return None;
+        }
         hash.add(b"name");
         match &config.name {
             Some(t) if t.render_into(|i| row.cell(i), buf) => {
