@@ -4,7 +4,9 @@
 //!
 //! We keep the `phonenumber` crate's **metadata** (the compiled
 //! `PhoneNumberMetadata.xml`) but not its parser and validator, for two
-//! measured reasons:
+//! measured reasons (a third: `build.rs` copies the metadata into static data
+//! at build time, because the crate's lazy database syntax-checks every
+//! pattern on first use, ≈ 0.13 s per run):
 //!
 //! 1. **Speed.** The crate keeps its ~2,000 metadata regexes in one
 //!    `Mutex<LruCache>` of capacity 100, so almost every `is_valid` call
@@ -35,7 +37,6 @@ use std::sync::OnceLock;
 
 use hashbrown::HashMap;
 
-use phonenumber::metadata::{DATABASE, Descriptor, Metadata};
 use regex::Regex;
 
 /// Shortest national significant number libphonenumber accepts.
@@ -133,6 +134,44 @@ enum LengthCheck {
     TooLong,
 }
 
+/// One number descriptor of the metadata, as `build.rs` extracts it.
+struct DescMeta {
+    pattern: &'static str,
+    lengths: &'static [u16],
+    local_lengths: &'static [u16],
+}
+
+/// One entry of the metadata (a region, or a non-geographic "001" code), as
+/// `build.rs` extracts it from the `phonenumber` crate.
+pub struct RegionMeta {
+    id: &'static str,
+    country_code: u16,
+    international_prefix: Option<&'static str>,
+    national_prefix: Option<&'static str>,
+    national_prefix_for_parsing: Option<&'static str>,
+    national_prefix_transform_rule: Option<&'static str>,
+    leading_digits: Option<&'static str>,
+    general: DescMeta,
+    /// Whether `types[0]` is the mobile descriptor.
+    mobile: bool,
+    /// The descriptors a number is classified by: mobile (if any) first, then
+    /// premium rate … voicemail, fixed line last.
+    types: &'static [DescMeta],
+}
+
+impl RegionMeta {
+    fn id(&self) -> &'static str {
+        self.id
+    }
+
+    fn country_code(&self) -> u16 {
+        self.country_code
+    }
+}
+
+// `static REGIONS: &[RegionMeta]`, ordered by country code, main country first.
+include!(concat!(env!("OUT_DIR"), "/regions.rs"));
+
 /// One number descriptor (fixed line, mobile, …) with its pattern compiled for full matches.
 struct CompiledDesc {
     /// `^(?:pattern)$`.
@@ -142,10 +181,10 @@ struct CompiledDesc {
 }
 
 impl CompiledDesc {
-    fn new(desc: &Descriptor) -> CompiledDesc {
+    fn new(desc: &DescMeta) -> CompiledDesc {
         CompiledDesc {
-            full: anchored(desc.national_number().as_str(), true),
-            lengths: desc.possible_length().to_vec(),
+            full: anchored(desc.pattern, true),
+            lengths: desc.lengths.to_vec(),
         }
     }
 
@@ -195,33 +234,17 @@ fn anchored(pattern: &str, full: bool) -> Regex {
 }
 
 impl CompiledRegion {
-    fn new(meta: &Metadata) -> CompiledRegion {
-        let d = meta.descriptors();
-        // Mobile first: a CRM's numbers are mostly mobiles, so the first type
-        // tried usually matches. libphonenumber tries premium rate first, but
-        // only to name the type; whether *some* type matches (validity) does
-        // not depend on the order, and the only type we need is "mobile".
-        let typed: Vec<&Descriptor> = [
-            d.mobile(),
-            d.premium_rate(),
-            d.toll_free(),
-            d.shared_cost(),
-            d.voip(),
-            d.personal_number(),
-            d.pager(),
-            d.uan(),
-            d.voicemail(),
-            d.fixed_line(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let has_mobile = d.mobile().is_some();
+    fn new(meta: &RegionMeta) -> CompiledRegion {
+        // Mobile first (build.rs orders them): a CRM's numbers are mostly
+        // mobiles, so the first type tried usually matches. libphonenumber tries
+        // premium rate first, but only to name the type; whether *some* type
+        // matches (validity) does not depend on the order, and the only type we
+        // need is "mobile".
         let mut general_lengths: Vec<u16> = Vec::new();
         let mut general_local_lengths: Vec<u16> = Vec::new();
-        for desc in &typed {
-            general_lengths.extend_from_slice(desc.possible_length());
-            general_local_lengths.extend_from_slice(desc.possible_local_length());
+        for desc in meta.types {
+            general_lengths.extend_from_slice(desc.lengths);
+            general_local_lengths.extend_from_slice(desc.local_lengths);
         }
         general_lengths.sort_unstable();
         general_lengths.dedup();
@@ -230,26 +253,24 @@ impl CompiledRegion {
         // DEVIATION: the crate ignores `nationalPrefix` when `nationalPrefixForParsing`
         // is absent; libphonenumber's metadata build copies it over.
         let npfp = meta
-            .national_prefix_for_parsing()
-            .map(|r| r.as_str().to_owned())
-            .or_else(|| meta.national_prefix().map(regex::escape));
+            .national_prefix_for_parsing
+            .map(str::to_owned)
+            .or_else(|| meta.national_prefix.map(regex::escape));
         CompiledRegion {
-            id: meta.id().to_owned(),
-            country_code: meta.country_code(),
-            country_code_text: meta.country_code().to_string(),
-            international_prefix: meta
-                .international_prefix()
-                .map(|r| anchored(r.as_str(), false)),
+            id: meta.id.to_owned(),
+            country_code: meta.country_code,
+            country_code_text: meta.country_code.to_string(),
+            international_prefix: meta.international_prefix.map(|r| anchored(r, false)),
             national_prefix_for_parsing: npfp.map(|p| anchored(&p, false)),
             national_prefix_transform_rule: meta
-                .national_prefix_transform_rule()
+                .national_prefix_transform_rule
                 .map(java_replacement_to_rust),
-            leading_digits: meta.leading_digits().map(|r| anchored(r.as_str(), false)),
-            general: anchored(d.general().national_number().as_str(), true),
+            leading_digits: meta.leading_digits.map(|r| anchored(r, false)),
+            general: anchored(meta.general.pattern, true),
             general_lengths,
             general_local_lengths,
-            types: typed.into_iter().map(CompiledDesc::new).collect(),
-            has_mobile,
+            types: meta.types.iter().map(CompiledDesc::new).collect(),
+            has_mobile: meta.mobile,
         }
     }
 
@@ -317,35 +338,24 @@ fn java_replacement_to_rust(rule: &str) -> String {
 /// exist, and which regions share each country calling code.
 struct Directory {
     /// Region id ("BR") → its metadata, for every geographic region.
-    regions: HashMap<String, &'static Metadata>,
+    regions: HashMap<&'static str, &'static RegionMeta>,
     /// Country calling code → metadata, main country first (libphonenumber's order:
     /// the main country, then the others alphabetically). Non-geographic codes (800, 882…)
     /// map to their single "001" entry.
-    by_code: HashMap<u16, Vec<&'static Metadata>>,
+    by_code: HashMap<u16, Vec<&'static RegionMeta>>,
 }
 
 fn directory() -> &'static Directory {
     static DIRECTORY: OnceLock<Directory> = OnceLock::new();
     DIRECTORY.get_or_init(|| {
-        let db: &'static phonenumber::metadata::Database = &DATABASE;
         let mut regions = HashMap::new();
-        for meta in db.iter() {
-            if meta.id() != "001" {
-                regions.insert(meta.id().to_owned(), meta);
+        let mut by_code: HashMap<u16, Vec<&'static RegionMeta>> = HashMap::new();
+        // REGIONS is already in libphonenumber's order within each code.
+        for meta in REGIONS {
+            if meta.id != "001" {
+                regions.insert(meta.id, meta);
             }
-        }
-        // Not from `db.iter()`: it walks a map keyed by region id, where the
-        // non-geographic entries (all "001") overwrite each other.
-        let codes: Vec<u16> = (1..=999).filter(|c| db.by_code(c).is_some()).collect();
-        let mut by_code = HashMap::new();
-        for code in codes {
-            let mut metas = db.by_code(&code).unwrap_or_default();
-            metas.sort_by(|a, b| {
-                b.is_main_country_for_code()
-                    .cmp(&a.is_main_country_for_code())
-                    .then_with(|| a.id().cmp(b.id()))
-            });
-            by_code.insert(code, metas);
+            by_code.entry(meta.country_code).or_default().push(meta);
         }
         Directory { regions, by_code }
     })
@@ -368,10 +378,7 @@ fn known_region(region: &str) -> Option<&'static str> {
         region[1].to_ascii_uppercase(),
     ];
     let upper = std::str::from_utf8(&upper).ok()?;
-    directory()
-        .regions
-        .get_key_value(upper)
-        .map(|(k, _)| k.as_str())
+    directory().regions.get_key_value(upper).map(|(k, _)| *k)
 }
 
 /// Where the country code came from (libphonenumber's `CountryCodeSource`).
@@ -413,9 +420,9 @@ impl PhoneNormalizer {
         }
     }
 
-    fn compiled(&mut self, meta: &'static Metadata) -> &CompiledRegion {
+    fn compiled(&mut self, meta: &'static RegionMeta) -> &CompiledRegion {
         self.compiled
-            .entry(meta as *const Metadata as usize)
+            .entry(meta as *const RegionMeta as usize)
             .or_insert_with(|| Box::new(CompiledRegion::new(meta)))
     }
 
@@ -584,16 +591,16 @@ impl PhoneNormalizer {
         }
         if let Some(meta) = region_meta {
             let region = self.compiled(meta);
-            let mut potential = national.clone();
-            maybe_strip_national_prefix_and_carrier_code(&mut potential, region);
-            let check = region.test_number_length(potential.len());
-            if !matches!(
-                check,
-                LengthCheck::TooShort
-                    | LengthCheck::IsPossibleLocalOnly
-                    | LengthCheck::InvalidLength
-            ) {
-                national = potential;
+            if let Some(potential) = national_prefix_stripped(&national, region) {
+                let check = region.test_number_length(potential.len());
+                if !matches!(
+                    check,
+                    LengthCheck::TooShort
+                        | LengthCheck::IsPossibleLocalOnly
+                        | LengthCheck::InvalidLength
+                ) {
+                    national = potential;
+                }
             }
         }
         if national.len() < MIN_LENGTH_FOR_NSN {
@@ -612,7 +619,7 @@ impl PhoneNormalizer {
     fn maybe_extract_country_code(
         &mut self,
         number: &str,
-        default_meta: Option<&'static Metadata>,
+        default_meta: Option<&'static RegionMeta>,
     ) -> Result<(u16, String), ParseError> {
         if number.is_empty() {
             return Ok((0, String::new()));
@@ -638,8 +645,8 @@ impl PhoneNormalizer {
             let region = self.compiled(meta);
             let mut outcome = Ok((0, String::new()));
             if let Some(rest) = full.strip_prefix(region.country_code_text.as_str()) {
-                let mut potential = rest.to_owned();
-                maybe_strip_national_prefix_and_carrier_code(&mut potential, region);
+                let potential =
+                    national_prefix_stripped(rest, region).unwrap_or_else(|| rest.to_owned());
                 if (!region.general_matches(&full) && region.general_matches(&potential))
                     || region.test_number_length(full.len()) == LengthCheck::TooLong
                 {
@@ -903,17 +910,16 @@ fn extract_country_code(full: &str) -> Option<(u16, &str)> {
     None
 }
 
-/// libphonenumber's `maybeStripNationalPrefixAndCarrierCode`.
-fn maybe_strip_national_prefix_and_carrier_code(number: &mut String, region: &CompiledRegion) {
-    let Some(prefix) = &region.national_prefix_for_parsing else {
-        return;
-    };
-    if number.is_empty() {
-        return;
+/// libphonenumber's `maybeStripNationalPrefixAndCarrierCode`: the number without
+/// its national prefix, or `None` when it stays as it is.
+fn national_prefix_stripped(number: &str, region: &CompiledRegion) -> Option<String> {
+    let prefix = region.national_prefix_for_parsing.as_ref()?;
+    // `captures` allocates its slots even when nothing matches, which is the
+    // common case (most national numbers carry no prefix): test first.
+    if number.is_empty() || !prefix.is_match(number) {
+        return None;
     }
-    let Some(caps) = prefix.captures(number) else {
-        return;
-    };
+    let caps = prefix.captures(number)?;
     let whole = caps.get(0).map(|m| m.end()).unwrap_or(0);
     let viable_original = region.general_matches(number);
     let groups = caps.len() - 1;
@@ -924,15 +930,15 @@ fn maybe_strip_national_prefix_and_carrier_code(number: &mut String, region: &Co
             caps.expand(rule, &mut transformed);
             transformed.push_str(&number[whole..]);
             if viable_original && !region.general_matches(&transformed) {
-                return;
+                return None;
             }
-            *number = transformed;
+            Some(transformed)
         }
         _ => {
             if viable_original && !region.general_matches(&number[whole..]) {
-                return;
+                return None;
             }
-            number.drain(..whole);
+            Some(number[whole..].to_owned())
         }
     }
 }
