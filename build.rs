@@ -37,7 +37,7 @@ fn main() {
             if meta.id() != "001" {
                 geographic += 1;
             }
-            region(&mut out, &meta);
+            region(&mut out, meta);
         }
     }
     out.push_str("];\n");
