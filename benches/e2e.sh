@@ -99,6 +99,7 @@ done
 # Memory: peak RSS growth per extra unique phone, 100k vs $ROWS rows (messy, three sinks).
 if [[ " $PROFILES " == *" messy "* ]]; then
   small=$(data messy 100000); big=$(data messy "$ROWS")
+  rm -f "$DATA/e2e-growth.txt"
   for _ in $(seq "$RUNS"); do
     for which in $BINS; do
       bin=$BIN; [[ $which == base ]] && bin=$BASE_BIN

@@ -8,18 +8,21 @@
 #   3. report the ratio of medians, the requests the re-runs made (must be 0),
 #      and the state's size per contact.
 #
-#   benches/state.sh          # ROWS=1000000 RUNS=3
+#   benches/state.sh          # ROWS=1000000 RUNS=5 PROFILE=messy
+#   PROFILE=br benches/state.sh   # the 70%-Brazilian export of earlier issues
 # Needs python3 (stdlib) and GNU time; uses fixtures/gen_crm_export.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-1000000}
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 DATA=bench-data
 mkdir -p "$DATA"
 cargo build --release --quiet
 BIN=target/release/crm-import
+PROFILE=${PROFILE:-messy}
 CSV="$DATA/crm-$ROWS.csv"
-[[ -f "$CSV" ]] || python3 fixtures/gen_crm_export.py "$ROWS" "$CSV" "$DATA/crm-$ROWS.parquet"
+[[ $PROFILE == br ]] || CSV="$DATA/crm-$PROFILE-$ROWS.csv"
+[[ -f "$CSV" ]] || python3 fixtures/gen_crm_export.py --profile "$PROFILE" "$ROWS" "$CSV" "${CSV%.csv}.parquet"
 
 "$BIN" sandbox --listen 127.0.0.1:0 > "$DATA/sandbox.out" &
 SANDBOX_PID=$!

@@ -26,7 +26,7 @@
 //! written). Every channel is bounded, and at most `IN_FLIGHT_CHUNKS` chunks
 //! are between the reader and the merger, so memory stays flat.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -45,7 +45,9 @@ use crate::sandbox::{SANDBOX_TOKEN, Sandbox, SandboxOptions};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::sink::http::Uploader;
 use crate::sink::lane::{Lane, Outcomes, SpoolError};
-use crate::sink::{Check, ItemMeta, Rerun, RowView, Sink, SinkItem, SinkKind, SinkRow};
+use crate::sink::{
+    Check, GroupCounts, ItemMeta, Rerun, RowView, Sink, SinkItem, SinkKind, SinkRow,
+};
 use crate::source::{self, SourceError};
 use crate::state::{RunLock, Scope, SinkIndex, StateError, StateThread, StateWriter};
 use crate::summary::{RunOutcome, SinkPlan, SinkSummary};
@@ -837,7 +839,7 @@ struct Merger<'a> {
     /// Rows handed to each sink so far (for `--limit` and the sinks' caps).
     sent: Vec<u64>,
     /// Per sink: rows per request group (the plan).
-    groups: Vec<HashMap<u64, u64>>,
+    groups: Vec<GroupCounts>,
 }
 
 impl<'a> Merger<'a> {
@@ -848,7 +850,7 @@ impl<'a> Merger<'a> {
             lanes,
             dedup: Dedup::new(),
             sent: vec![0; n],
-            groups: vec![HashMap::new(); n],
+            groups: vec![GroupCounts::new(); n],
         }
     }
 

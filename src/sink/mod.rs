@@ -16,7 +16,6 @@
 //!   sink's own [`lane::Lane`] at the sink's own pace through the shared
 //!   [`http::Uploader`], reporting one [`SinkRow`] per record.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -28,6 +27,10 @@ use crate::record::Chunk;
 use crate::report::Status;
 use crate::sandbox::SandboxOptions;
 use crate::state::{Scope, SinkIndex};
+
+/// Rows per request group of one sink (the plan). Updated for every row, so
+/// hashbrown's default hasher rather than std's SipHash.
+pub type GroupCounts = hashbrown::HashMap<u64, u64>;
 
 pub mod chatfuel;
 pub mod cloudhumans;
@@ -174,7 +177,7 @@ pub trait Sink: Send + Sync + std::fmt::Debug {
         None
     }
     /// The plan for `rows` rows, given how many fall in each `group`.
-    fn plan(&self, rows: u64, groups: &HashMap<u64, u64>) -> PlanCounts;
+    fn plan(&self, rows: u64, groups: &GroupCounts) -> PlanCounts;
     /// Requests needed for `rows` rows (for the ETA of a backlog).
     fn requests_for(&self, rows: u64) -> u64 {
         rows

@@ -20,7 +20,8 @@ pub use config::ChatfuelConfig;
 use super::http::{Ended, Finished};
 use super::lane::{Lane, worker_pool};
 use super::{
-    Check, Delivery, ItemMeta, ParseContext, Payload, PlanCounts, Platform, RowView, Sink, SinkKind,
+    Check, Delivery, GroupCounts, ItemMeta, ParseContext, Payload, PlanCounts, Platform, RowView,
+    Sink, SinkKind,
 };
 use crate::config::{ColumnUse, ConfigError};
 use crate::phone::E164;
@@ -111,7 +112,7 @@ impl Sink for Chatfuel {
         }
     }
 
-    fn plan(&self, _rows: u64, groups: &HashMap<u64, u64>) -> PlanCounts {
+    fn plan(&self, _rows: u64, groups: &GroupCounts) -> PlanCounts {
         let batch = self.config.batch_size as u64;
         PlanCounts {
             requests: groups.values().map(|n| n.div_ceil(batch)).sum(),

@@ -8,7 +8,6 @@
 
 mod config;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -17,8 +16,8 @@ pub use config::CloudHumansConfig;
 
 use super::lane::{Lane, worker_pool};
 use super::{
-    Check, Delivery, ParseContext, Payload, PlanCounts, Platform, Rerun, RowView, Sink, SinkItem,
-    SinkKind,
+    Check, Delivery, GroupCounts, ParseContext, Payload, PlanCounts, Platform, Rerun, RowView,
+    Sink, SinkItem, SinkKind,
 };
 use crate::config::{ColumnUse, ConfigError};
 use crate::phone::E164;
@@ -133,7 +132,7 @@ impl Sink for CloudHumans {
         self.config.max_messages.map(|m| (m, "max_messages"))
     }
 
-    fn plan(&self, rows: u64, _groups: &HashMap<u64, u64>) -> PlanCounts {
+    fn plan(&self, rows: u64, _groups: &GroupCounts) -> PlanCounts {
         PlanCounts {
             requests: rows,
             ..PlanCounts::default()

@@ -23,7 +23,7 @@
 mod config;
 mod groups;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
@@ -34,7 +34,8 @@ pub use config::{GroupMode, RESERVED_KEYS, UrnScheme, WeniConfig, WeniMode};
 use super::http::{Ended, Verdict};
 use super::lane::{Lane, worker_pool};
 use super::{
-    Check, Delivery, ParseContext, Payload, PlanCounts, Platform, RowView, Sink, SinkItem, SinkKind,
+    Check, Delivery, GroupCounts, ParseContext, Payload, PlanCounts, Platform, RowView, Sink,
+    SinkItem, SinkKind,
 };
 use crate::config::{ColumnUse, ConfigError};
 use crate::phone::{E164, weni_digit_count_ok};
@@ -112,7 +113,7 @@ impl Sink for Weni {
         }
     }
 
-    fn plan(&self, rows: u64, _groups: &HashMap<u64, u64>) -> PlanCounts {
+    fn plan(&self, rows: u64, _groups: &GroupCounts) -> PlanCounts {
         let c = &self.config;
         let prepare = if rows == 0 || c.mode == WeniMode::Delete {
             0
