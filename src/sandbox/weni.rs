@@ -122,6 +122,9 @@ pub(crate) struct WeniState {
     seq: u64,
     /// Active URN → index in `contacts`.
     by_urn: HashMap<String, usize>,
+    /// UUID → index in `contacts` (a scan per reference made a 775k-contact
+    /// `contact_actions` run quadratic: hours instead of minutes).
+    by_uuid: HashMap<String, usize>,
     fields: Vec<WeniField>,
     groups: Vec<WeniGroup>,
     writes: Vec<WeniWrite>,
@@ -169,6 +172,7 @@ impl WeniState {
             modified_seq: Vec::new(),
             seq: 0,
             by_urn: HashMap::new(),
+            by_uuid: HashMap::new(),
             fields: Vec::new(),
             groups: Vec::new(),
             writes: Vec::new(),
@@ -791,8 +795,10 @@ fn apply_write(state: &mut WeniState, index: usize, write: ContactWrite) {
 fn create(state: &mut WeniState, urns: Vec<String>) -> usize {
     let index = state.contacts.len();
     let now = super::now_iso8601();
+    let uuid = super::uuid(index as u64 + 1, 0x3E41);
+    state.by_uuid.insert(uuid.clone(), index);
     state.contacts.push(WeniContact {
-        uuid: super::uuid(index as u64 + 1, 0x3E41),
+        uuid,
         name: None,
         language: None,
         urns: urns.clone(),
@@ -847,7 +853,7 @@ fn upsert(
         return super::json(status, state.contact_json(&state.contacts[index]));
     }
     if let Some(uuid) = query.get("uuid") {
-        let Some(index) = state.contacts.iter().position(|c| &c.uuid == uuid) else {
+        let Some(index) = state.by_uuid.get(uuid).copied() else {
             return detail(StatusCode::NOT_FOUND, "Not found.");
         };
         if !state.contacts[index].active {
@@ -885,10 +891,7 @@ fn delete_contact(shared: &Shared, query: &HashMap<String, String>) -> Response<
         let normalized = normalize_urn(urn).unwrap_or_default();
         (urn.clone(), state.by_urn.get(&normalized).copied())
     } else if let Some(uuid) = query.get("uuid") {
-        (
-            uuid.clone(),
-            state.contacts.iter().position(|c| &c.uuid == uuid),
-        )
+        (uuid.clone(), state.by_uuid.get(uuid).copied())
     } else {
         return detail(
             StatusCode::BAD_REQUEST,
@@ -1035,9 +1038,10 @@ fn validate_action(
             .ok()
             .and_then(|u| state.by_urn.get(&u).copied());
         let found = state
-            .contacts
-            .iter()
-            .position(|c| c.active && &c.uuid == reference)
+            .by_uuid
+            .get(reference)
+            .copied()
+            .filter(|&i| state.contacts[i].active)
             .or(by_urn);
         match found {
             Some(i) => indices.push(i),
@@ -1294,6 +1298,28 @@ mod tests {
             "Phone number must have at least 8 digits."
         );
         assert!(normalize_urn("foo:bar").is_err());
+    }
+
+    /// Regression: `contact_actions` found each UUID by scanning every
+    /// contact, so populating 775k contacts (benches/state.sh) took hours.
+    /// The index must name the same contact the scan did, and skip inactive ones.
+    #[test]
+    fn contact_actions_find_uuids_through_the_index_not_a_scan() {
+        let mut state = WeniState::new(&SandboxOptions::default());
+        for n in 0..1000u64 {
+            create(&mut state, vec![format!("whatsapp:55119{n:08}")]);
+        }
+        state.contacts[7].active = false;
+        assert_eq!(state.by_uuid.len(), state.contacts.len());
+        let uuids: Vec<String> = [3, 999, 500]
+            .iter()
+            .map(|&i| state.contacts[i].uuid.clone())
+            .collect();
+        let (indices, _) = validate_action(&state, &uuids, "block", None)
+            .unwrap_or_else(|_| panic!("known UUIDs are found"));
+        assert_eq!(indices, vec![3, 999, 500]);
+        let inactive = vec![state.contacts[7].uuid.clone()];
+        assert!(validate_action(&state, &inactive, "block", None).is_err());
     }
 
     #[test]
