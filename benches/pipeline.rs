@@ -14,7 +14,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use crm_import::config::Config;
 use crm_import::phone::{E164, PhoneNormalizer};
 use crm_import::pipeline::{self, RunOptions};
-use crm_import::report::{Encoding, ReportRow, Status};
+use crm_import::report::{Encoding, ReportRow, Status, write_with_csv_crate};
 use crm_import::sink::SinkKind;
 
 /// Phone texts in the shapes CRM exports hold (national, international, punctuation).
@@ -229,21 +229,7 @@ fn report_encoding(c: &mut Criterion) {
         b.iter(|| {
             let mut w = csv::Writer::from_writer(Vec::with_capacity(1 << 20));
             for r in &rows {
-                let e164 = r.phone_e164.map(|p| p.to_string()).unwrap_or_default();
-                let http = r.http_status.map(|s| s.to_string()).unwrap_or_default();
-                w.write_record([
-                    r.source,
-                    &r.row.to_string(),
-                    r.record_id,
-                    r.phone_raw,
-                    &e164,
-                    r.sink.map(SinkKind::name).unwrap_or(""),
-                    r.status.name(),
-                    &http,
-                    &r.attempts.to_string(),
-                    r.detail,
-                ])
-                .unwrap();
+                write_with_csv_crate(r, &mut w).unwrap();
             }
             black_box(w.into_inner().unwrap().len())
         })
