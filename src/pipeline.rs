@@ -62,6 +62,10 @@ const CHANNEL_CHUNKS: usize = 4;
 /// Chunks between the reader and the merger at most (bounds the merger's reorder buffer).
 const IN_FLIGHT_CHUNKS: usize = 8;
 
+/// How many rows ahead the merger prefetches the state's entries: enough to
+/// cover a memory access while the rows in between are decided.
+const PREFETCH_ROWS: usize = 8;
+
 /// Why a run could not be done (exit 1).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -897,7 +901,15 @@ impl<'a> Merger<'a> {
     fn merge_chunk(&mut self, checked: &mut Checked) -> Result<(), SpoolError> {
         let sinks = self.run.stages.sinks.len();
         let chunk = &mut checked.chunk;
+        let indexes = &self.run.incremental.indexes;
         for i in 0..chunk.len() {
+            // A re-run looks every row up in each sink's index, and each lookup
+            // misses the cache: start fetching a few rows ahead.
+            if let Some(Outcome::Unique { phone, .. }) =
+                chunk.rows.get(i + PREFETCH_ROWS).map(|r| &r.outcome)
+            {
+                indexes.iter().for_each(|index| index.prefetch(*phone));
+            }
             let Outcome::Unique { raw_column, phone } = chunk.rows[i].outcome else {
                 continue;
             };

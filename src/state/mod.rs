@@ -55,8 +55,7 @@
 //!   that carry in-flight markers run with `synchronous = FULL`, so a marker is
 //!   on disk before its message can leave, even across a power loss.
 //! - Lookups never hit SQLite per row: at start each sink's `(phone, hash)`
-//!   pairs for its scope are loaded into a sorted vector (16 bytes each) and
-//!   binary-searched.
+//!   pairs for its scope are loaded into a [`PhoneTable`] (`index.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,6 +65,9 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::phone::E164;
+
+mod index;
+pub use index::PhoneTable;
 
 /// Schema version written in `meta`.
 const SCHEMA_VERSION: &str = "2";
@@ -141,7 +143,7 @@ pub struct SinkIndex {
     /// up every row of every sink on the merger thread, and a binary search
     /// over 775k phones (12 MB) missed the cache at every step — half the
     /// CPU of a 1M-row re-run (perf, issue 11).
-    delivered: hashbrown::HashMap<u64, u64>,
+    delivered: PhoneTable,
     /// Phones with an in-flight marker left by an interrupted run, and since when (unix s).
     in_flight: Vec<(u64, i64)>,
 }
@@ -149,7 +151,14 @@ pub struct SinkIndex {
 impl SinkIndex {
     /// The payload hash last delivered to `phone`, if any.
     pub fn delivered(&self, phone: E164) -> Option<u64> {
-        self.delivered.get(&phone.0).copied()
+        self.delivered.get(phone.0)
+    }
+
+    /// Asks the CPU for `phone`'s entry ahead of a lookup (see [`PhoneTable::prefetch`]).
+    pub fn prefetch(&self, phone: E164) {
+        if !self.delivered.is_empty() {
+            self.delivered.prefetch(phone.0);
+        }
     }
 
     /// When an interrupted run marked `phone` in flight, if it did.
@@ -265,6 +274,10 @@ fn find_scope(conn: &Connection, scope: &Scope, legacy_column: bool) -> Option<i
 }
 
 /// Loads the index of each scope. A missing file (dry run) gives empty indexes.
+///
+/// One scope after the other on one connection: loading them on one thread
+/// each was measured (issue 11) to take the same time on 2 cores, at twice
+/// the CPU.
 pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Vec<SinkIndex>, StateError> {
     if read_only && !path.exists() {
         return Ok(scopes.iter().map(|_| SinkIndex::default()).collect());
@@ -290,13 +303,14 @@ fn load_scope(conn: &Connection, id: i64) -> rusqlite::Result<SinkIndex> {
     let mut index = SinkIndex::default();
     let mut stmt =
         conn.prepare_cached("SELECT phone, payload_hash FROM delivered WHERE scope_id = ?1")?;
-    let rows = stmt.query_map(params![id], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-    })?;
-    for row in rows {
-        let (phone, hash) = row?;
-        index.delivered.insert(phone, hash);
+    // Read in key order into a vector first (sequential writes), then build
+    // the table at its final size in one pass.
+    let mut pairs = Vec::new();
+    let mut rows = stmt.query(params![id])?;
+    while let Some(row) = rows.next()? {
+        pairs.push((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64));
     }
+    index.delivered = PhoneTable::from_pairs(&pairs);
     let mut stmt = conn.prepare_cached(
         "SELECT phone, started_at FROM in_flight WHERE scope_id = ?1 ORDER BY phone",
     )?;
