@@ -43,9 +43,16 @@ fn parse(
     kind: SinkKind,
     ctx: &ParseContext<'_>,
 ) -> Result<Box<dyn Sink>, ConfigError> {
+    let config = config::parse(value, kind, ctx)?;
+    let mut static_hash = PayloadHasher::default();
+    for (prop, value) in &config.properties {
+        static_hash.add(prop.as_bytes()).add(value.as_bytes());
+    }
+    static_hash.add(b"--per-row--");
     Ok(Box::new(Chatfuel {
         kind,
-        config: config::parse(value, kind, ctx)?,
+        config,
+        static_hash,
     }))
 }
 
@@ -54,6 +61,9 @@ fn parse(
 pub struct Chatfuel {
     kind: SinkKind,
     pub config: ChatfuelConfig,
+    /// The hasher after the static properties, which every row shares: hashed
+    /// once instead of per row.
+    static_hash: PayloadHasher,
 }
 
 impl Sink for Chatfuel {
@@ -82,11 +92,7 @@ impl Sink for Chatfuel {
     /// Rows with equal property sets share batches; the group is a stable hash
     /// of the whole set, which is also the row's payload hash for the state.
     fn check(&self, row: RowView<'_>, _phone: E164, _hash: bool) -> Check {
-        let mut hasher = PayloadHasher::default();
-        for (prop, value) in &self.config.properties {
-            hasher.add(prop.as_bytes()).add(value.as_bytes());
-        }
-        hasher.add(b"--per-row--");
+        let mut hasher = self.static_hash;
         for (prop, value) in row_properties(&self.config.bound_property_columns, row) {
             hasher.add(prop.as_bytes()).add(value.as_bytes());
         }

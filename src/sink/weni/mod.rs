@@ -186,9 +186,11 @@ fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) ->
     let mut hash = PayloadHasher::default();
     let rejected = crate::template::with_scratch(|buf| {
         // Same bytes as `urn()`, written into the scratch buffer: this runs per row.
-        buf.clear();
-        write_urn(config.urn_scheme, phone, buf);
-        hash.add(buf.as_bytes());
+        if with_hash {
+            buf.clear();
+            write_urn(config.urn_scheme, phone, buf);
+            hash.add(buf.as_bytes());
+        }
         if config.mode == WeniMode::Delete {
             hash.add(b"delete");
             return None;
@@ -240,7 +242,7 @@ fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) ->
     }
     Check::Ready {
         group: 0,
-        hash: hash.finish(),
+        hash: if with_hash { hash.finish() } else { 0 },
     }
 }
 
