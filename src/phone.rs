@@ -397,7 +397,7 @@ pub fn canonical_region(region: &str) -> Option<String> {
 /// [`canonical_region`] without allocating: the directory's own `'static` key.
 /// Runs for every row that has a `country_column`.
 fn known_region(region: &str) -> Option<&'static str> {
-    let region = region.trim().as_bytes();
+    let region = crate::record::trim(region).as_bytes();
     if region.len() != 2 || !region.iter().all(|b| b.is_ascii_alphabetic()) {
         return None;
     }
@@ -462,7 +462,7 @@ impl PhoneNormalizer {
         raw: &str,
         row_region: Option<&str>,
     ) -> Result<E164, InvalidReason> {
-        if raw.trim().is_empty() {
+        if crate::record::trim(raw).is_empty() {
             return Err(InvalidReason::Empty);
         }
         let region = row_region.and_then(known_region).or(self.default_region);

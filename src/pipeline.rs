@@ -804,7 +804,7 @@ pub fn normalize_chunk(
         let mut found = None;
         for (k, &column) in layout.phones.iter().enumerate() {
             let raw = chunk.cell(i, column);
-            if raw.trim().is_empty() {
+            if crate::record::trim(raw).is_empty() {
                 continue;
             }
             first_non_empty.get_or_insert(k as u8);

@@ -157,9 +157,31 @@ impl Chunk {
     }
 }
 
+/// `str::trim`, with a shortcut for the usual cell: when its first and last
+/// bytes are printable ASCII there is nothing to trim, and that is two byte
+/// tests instead of decoding characters from both ends. Cells are trimmed
+/// several times per row (phones, regions, every template placeholder), and
+/// `trim` was 3.7% of a dry run's instructions (callgrind, issue 11).
+#[inline]
+pub fn trim(s: &str) -> &str {
+    match s.as_bytes() {
+        [first, .., last] if first.is_ascii_graphic() && last.is_ascii_graphic() => s,
+        [only] if only.is_ascii_graphic() => s,
+        _ => s.trim(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The shortcut never changes what `str::trim` gives.
+        #[test]
+        fn trim_is_str_trim(s in "[ \t\u{a0}\u{3000}a-z0-9,+()-]{0,12}") {
+            proptest::prop_assert_eq!(trim(&s), s.trim());
+        }
+    }
 
     #[test]
     fn cells_round_trip() {

@@ -108,7 +108,7 @@ impl Template {
                 Segment::Literal(text) => out.push_str(text),
                 Segment::Column { index, .. } => {
                     placeholders += 1;
-                    let value = field(*index).trim();
+                    let value = crate::record::trim(field(*index));
                     if value.is_empty() {
                         empty += 1;
                     }
@@ -116,13 +116,15 @@ impl Template {
                 }
             }
         }
-        if placeholders > 0 && (empty == placeholders || out.trim().is_empty()) {
+        if placeholders > 0 && (empty == placeholders || crate::record::trim(out).is_empty()) {
             return false;
         }
-        let end = out.trim_end().len();
-        out.truncate(end);
-        let start = out.len() - out.trim_start().len();
-        out.drain(..start);
+        if crate::record::trim(out).len() != out.len() {
+            let end = out.trim_end().len();
+            out.truncate(end);
+            let start = out.len() - out.trim_start().len();
+            out.drain(..start);
+        }
         true
     }
 

@@ -152,7 +152,7 @@ fn row_properties<'a>(
     row: RowView<'a>,
 ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
     columns.iter().filter_map(move |(prop, index)| {
-        let value = row.cell(*index).trim();
+        let value = crate::record::trim(row.cell(*index));
         (!value.is_empty()).then_some((prop.as_str(), value))
     })
 }

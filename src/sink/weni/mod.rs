@@ -198,7 +198,8 @@ fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) ->
         hash.add(b"name");
         match &config.name {
             Some(t) if t.render_into(|i| row.cell(i), buf) => {
-                if buf.chars().count() > 100 {
+                // Byte length first: ≤ 100 bytes is ≤ 100 characters, without counting them.
+                if buf.len() > 100 && buf.chars().count() > 100 {
                     return Some(Check::Rejected(
                         "Contact name cannot exceed 100 characters.".into(),
                     ));
