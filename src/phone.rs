@@ -653,7 +653,6 @@ impl PhoneNormalizer {
             return Ok((0, String::new()));
         }
         let mut full = std::mem::take(&mut self.scratch);
-        full.clear();
         let source = {
             let idd = default_meta.and_then(|m| {
                 self.compiled(m)
@@ -876,8 +875,26 @@ fn strip_extension_by_pattern(number: &str) -> &str {
 /// libphonenumber's `normalize`: letters become keypad digits when the number
 /// has at least three of them, otherwise only digits are kept.
 fn normalize(number: &str) -> String {
-    let letters = number.chars().filter(|c| c.is_ascii_alphabetic()).count();
     let mut out = String::with_capacity(number.len());
+    normalize_into(number, &mut out);
+    out
+}
+
+/// [`normalize`], appending to `out`.
+fn normalize_into(number: &str, out: &mut String) {
+    // ASCII letters are single bytes, and no byte of a multi-byte character is one.
+    let letters = number.bytes().filter(u8::is_ascii_alphabetic).count();
+    if number.is_ascii() {
+        // The usual cell: bytes instead of decoding characters (this runs per row).
+        for b in number.bytes() {
+            if b.is_ascii_digit() {
+                out.push(b as char);
+            } else if letters >= 3 && b.is_ascii_alphabetic() {
+                out.push(keypad_digit(b as char));
+            }
+        }
+        return;
+    }
     for c in number.chars() {
         if let Some(d) = decimal_digit(c) {
             out.push((b'0' + d) as char);
@@ -885,7 +902,6 @@ fn normalize(number: &str) -> String {
             out.push(keypad_digit(c));
         }
     }
-    out
 }
 
 /// ITU E.161 keypad letter → digit.
@@ -902,30 +918,30 @@ fn keypad_digit(c: char) -> char {
     }
 }
 
-/// libphonenumber's `maybeStripInternationalPrefixAndNormalize`; writes the
-/// normalized digits (prefix removed) into `out`.
+/// libphonenumber's `maybeStripInternationalPrefixAndNormalize`; replaces
+/// `out` with the normalized digits (prefix removed), in place: it runs per row.
 fn maybe_strip_international_prefix_and_normalize(
     number: &str,
     idd: Option<&Regex>,
     out: &mut String,
 ) -> CountryCodeSource {
+    out.clear();
     let trimmed = number.trim_start_matches(['+', '\u{FF0B}']);
     if trimmed.len() != number.len() {
-        out.push_str(&normalize(trimmed));
+        normalize_into(trimmed, out);
         return CountryCodeSource::NumberWithPlusSign;
     }
-    let normalized = normalize(number);
+    normalize_into(number, out);
     if let Some(idd) = idd
-        && let Some(m) = idd.find(&normalized)
+        && let Some(m) = idd.find(out)
     {
         // Country calling codes never start with 0: "0 0 0..." after the IDD is not one.
-        let rest = &normalized[m.end()..];
-        if !rest.starts_with('0') {
-            out.push_str(rest);
+        let end = m.end();
+        if !out[end..].starts_with('0') {
+            out.drain(..end);
             return CountryCodeSource::NumberWithIdd;
         }
     }
-    out.push_str(&normalized);
     CountryCodeSource::DefaultCountry
 }
 
