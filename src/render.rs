@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use crate::record::{Chunk, Layout, Outcome};
-use crate::report::{ChunkCounts, Encoding, Report, ReportError, ReportRow, Status};
+use crate::report::{ChunkCounts, Encoding, Report, ReportError, ReportRow, RowEncoder, Status};
 use crate::sink::{Check, SinkKind};
 
 /// Where a chunk's rows go: the report itself, or a byte buffer.
@@ -34,7 +34,7 @@ pub struct Rendered {
 }
 
 struct Buffer {
-    encoding: Encoding,
+    encoder: RowEncoder,
     bytes: Vec<u8>,
     counts: ChunkCounts,
 }
@@ -42,7 +42,7 @@ struct Buffer {
 impl RowOut for Buffer {
     fn put(&mut self, row: &ReportRow<'_>) -> Result<(), ReportError> {
         self.counts.add(row.sink, row.status);
-        self.encoding.encode(row, &mut self.bytes);
+        self.encoder.encode(row, &mut self.bytes);
         Ok(())
     }
 }
@@ -61,7 +61,7 @@ impl ChunkReport<'_> {
     /// The chunk's rows, encoded off the report thread.
     pub fn render(&self, encoding: Encoding, chunk: &Chunk, checks: &[Check]) -> Rendered {
         let mut buffer = Buffer {
-            encoding,
+            encoder: RowEncoder::new(encoding),
             // ≈ 2.5 rows of ≈ 100 bytes per input row: one allocation per chunk.
             bytes: Vec::with_capacity(chunk.len() * 256),
             counts: ChunkCounts::new(self.kinds.len()),
