@@ -184,31 +184,41 @@ impl Encoding {
 /// per sink (callgrind, issue 11).
 pub struct RowEncoder {
     encoding: Encoding,
-    /// The previous row's leading columns, and where their bytes are in `out`.
-    previous: Option<(LeadKey, std::ops::Range<usize>)>,
+    /// The previous row's leading columns (compared by value, so any row may
+    /// come next), and where their encoded bytes are in `out`.
+    previous: Lead,
+    encoded: Option<std::ops::Range<usize>>,
 }
 
-/// The leading columns of a row, by identity: the same `&str`s of the same
-/// chunk (so equal addresses mean equal text; equal text elsewhere is simply
-/// encoded again).
-#[derive(PartialEq, Eq)]
-struct LeadKey {
-    source: (*const u8, usize),
+/// A row's leading columns, owned: kept from one row to the next.
+#[derive(Default)]
+struct Lead {
     row: u64,
-    record_id: (*const u8, usize),
-    phone_raw: (*const u8, usize),
     phone_e164: Option<E164>,
+    source: String,
+    record_id: String,
+    phone_raw: String,
 }
 
-impl LeadKey {
-    fn of(r: &ReportRow<'_>) -> LeadKey {
-        let id = |s: &str| (s.as_ptr(), s.len());
-        LeadKey {
-            source: id(r.source),
-            row: r.row,
-            record_id: id(r.record_id),
-            phone_raw: id(r.phone_raw),
-            phone_e164: r.phone_e164,
+impl Lead {
+    fn matches(&self, r: &ReportRow<'_>) -> bool {
+        self.row == r.row
+            && self.phone_e164 == r.phone_e164
+            && self.phone_raw == r.phone_raw
+            && self.record_id == r.record_id
+            && self.source == r.source
+    }
+
+    fn set(&mut self, r: &ReportRow<'_>) {
+        self.row = r.row;
+        self.phone_e164 = r.phone_e164;
+        for (mine, theirs) in [
+            (&mut self.source, r.source),
+            (&mut self.record_id, r.record_id),
+            (&mut self.phone_raw, r.phone_raw),
+        ] {
+            mine.clear();
+            mine.push_str(theirs);
         }
     }
 }
@@ -217,7 +227,8 @@ impl RowEncoder {
     pub fn new(encoding: Encoding) -> RowEncoder {
         RowEncoder {
             encoding,
-            previous: None,
+            previous: Lead::default(),
+            encoded: None,
         }
     }
 
@@ -227,15 +238,15 @@ impl RowEncoder {
         if self.encoding != Encoding::Csv {
             return self.encoding.encode(row, out);
         }
-        let key = LeadKey::of(row);
-        match &self.previous {
-            Some((previous, range)) if *previous == key && range.end <= out.len() => {
+        match &self.encoded {
+            Some(range) if range.end <= out.len() && self.previous.matches(row) => {
                 out.extend_from_within(range.clone());
             }
             _ => {
                 let start = out.len();
                 encode_csv_lead(row, out);
-                self.previous = Some((key, start..out.len()));
+                self.encoded = Some(start..out.len());
+                self.previous.set(row);
             }
         }
         encode_csv_rest(row, out);
