@@ -30,8 +30,9 @@ fn shard_of(h: u64) -> usize {
     (h >> 40) as usize % SHARDS
 }
 
-/// splitmix64's finalizer: a cheap, well-mixed hash for integer keys.
-fn hash(phone: u64) -> u64 {
+/// splitmix64's finalizer: a cheap, well-mixed hash for integer keys (the
+/// state's phone table uses it too).
+pub fn hash(phone: u64) -> u64 {
     let mut z = phone.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -106,13 +106,10 @@ impl PhoneTable {
         slot
     }
 
-    /// Where `phone`'s probe starts: splitmix64's finalizer spreads the
+    /// Where `phone`'s probe starts: the dedup table's hash spreads the
     /// digits, whose low bits alone would cluster.
     fn home(&self, phone: u64) -> usize {
-        let mut z = phone.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) as usize & (self.slots.len() - 1)
+        crate::dedup::hash(phone) as usize & (self.slots.len() - 1)
     }
 
     fn grow(&mut self) {
