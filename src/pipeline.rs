@@ -902,6 +902,11 @@ impl<'a> Merger<'a> {
         let sinks = self.run.stages.sinks.len();
         let chunk = &mut checked.chunk;
         let indexes = &self.run.incremental.indexes;
+        self.dedup
+            .warm(chunk.rows.iter().filter_map(|r| match r.outcome {
+                Outcome::Unique { phone, .. } => Some(phone),
+                _ => None,
+            }));
         for i in 0..chunk.len() {
             // A re-run looks every row up in each sink's index, and each lookup
             // misses the cache: start fetching a few rows ahead.
