@@ -66,6 +66,43 @@ fn an_unchanged_rerun_sends_nothing_and_a_1_percent_change_sends_exactly_that() 
     assert_eq!(third.log.weni().writes.len() - weni_writes_before, 3);
 }
 
+/// A re-run loads the state from per-scope snapshots; a contact forgotten by
+/// hand (README "Resetting", with the sqlite3 shell) must still be sent again,
+/// not hidden by a snapshot taken before it was forgotten.
+#[test]
+fn a_contact_forgotten_by_hand_is_sent_again_despite_the_snapshot() {
+    let rig = Rig::new(sandbox_options());
+    let rows = phones(40);
+    let n = rig.input(&rows);
+    let first = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let state = rusqlite::Connection::open(rig.path("crm-import-state.db")).unwrap();
+    let snapshots: i64 = state
+        .query_row("SELECT count(*) FROM snapshots", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(snapshots, 3, "the run left one snapshot per sink");
+    let forgotten = state
+        .execute(
+            "DELETE FROM delivered WHERE phone = 5511960000000
+             AND scope_id IN (SELECT id FROM scopes WHERE sink = 'weni')",
+            [],
+        )
+        .unwrap();
+    assert_eq!(forgotten, 1);
+    drop(state);
+
+    let weni_writes = first.log.weni().writes.len();
+    let second = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_invariant(&second.report, &SINKS, &[("in.csv", n)]);
+    for r in &second.report {
+        let resent = r["sink"] == "weni" && r["phone_e164"] == "+5511960000000";
+        let expected = if resent { "updated" } else { "unchanged" };
+        assert_eq!(r["status"], expected, "{r:?}");
+    }
+    assert_eq!(second.log.weni().writes.len(), weni_writes + 1);
+}
+
 #[test]
 fn full_and_resend_flags_and_dry_run_reading_the_state() {
     let rig = Rig::new(sandbox_options());

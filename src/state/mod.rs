@@ -67,6 +67,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use crate::phone::E164;
 
 mod index;
+mod snapshot;
 pub use index::PhoneTable;
 
 /// Schema version written in `meta`.
@@ -146,6 +147,8 @@ pub struct SinkIndex {
     delivered: PhoneTable,
     /// Phones with an in-flight marker left by an interrupted run, and since when (unix s).
     in_flight: Vec<(u64, i64)>,
+    /// Whether `delivered` came from the scope's snapshot (`snapshot.rs`).
+    from_snapshot: bool,
 }
 
 impl SinkIndex {
@@ -171,6 +174,11 @@ impl SinkIndex {
 
     pub fn delivered_count(&self) -> usize {
         self.delivered.len()
+    }
+
+    /// Whether the index was read from a snapshot rather than row by row.
+    pub fn from_snapshot(&self) -> bool {
+        self.from_snapshot
     }
 }
 
@@ -219,6 +227,8 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, StateError> {
                  PRIMARY KEY (scope_id, phone)) WITHOUT ROWID;",
         )
         .map_err(|e| err(format!("cannot prepare the schema: {e}")))?;
+        conn.execute_batch(snapshot::SCHEMA)
+            .map_err(|e| err(format!("cannot prepare the schema: {e}")))?;
         upgrade(&conn).map_err(|e| err(format!("cannot upgrade the schema: {e}")))?;
     }
     Ok(conn)
@@ -283,33 +293,43 @@ pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Vec<SinkIn
         return Ok(scopes.iter().map(|_| SinkIndex::default()).collect());
     }
     let conn = open(path, read_only)?;
-    let legacy_column = schema_version(&conn).as_deref() != Some("1");
+    let err = |e: rusqlite::Error| StateError {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    // One read transaction: every scope is read as of the same moment.
+    let read = conn.unchecked_transaction().map_err(err)?;
+    let legacy_column = schema_version(&read).as_deref() != Some("1");
     let mut indexes = Vec::with_capacity(scopes.len());
     for scope in scopes {
-        let index = match find_scope(&conn, scope, legacy_column) {
-            Some(id) => load_scope(&conn, id).map_err(|e| StateError {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?,
+        let started = std::time::Instant::now();
+        let index = match find_scope(&read, scope, legacy_column) {
+            Some(id) => load_scope(&read, id).map_err(err)?,
             None => SinkIndex::default(),
         };
+        tracing::debug!(
+            sink = scope.sink,
+            contacts = index.delivered_count(),
+            from_snapshot = index.from_snapshot,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "state loaded"
+        );
         indexes.push(index);
     }
     Ok(indexes)
 }
 
-/// The index of one scope.
+/// The index of one scope: from its snapshot when it has one, else from its rows.
 fn load_scope(conn: &Connection, id: i64) -> rusqlite::Result<SinkIndex> {
     let mut index = SinkIndex::default();
-    let mut stmt =
-        conn.prepare_cached("SELECT phone, payload_hash FROM delivered WHERE scope_id = ?1")?;
-    // Read in key order into a vector first (sequential writes), then build
-    // the table at its final size in one pass.
-    let mut pairs = Vec::new();
-    let mut rows = stmt.query(params![id])?;
-    while let Some(row) = rows.next()? {
-        pairs.push((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64));
-    }
+    // Pairs first (sequential writes), then the table at its final size in one pass.
+    let pairs = match snapshot::read(conn, id) {
+        Some(pairs) => {
+            index.from_snapshot = true;
+            pairs
+        }
+        None => delivered_rows(conn, id)?,
+    };
     index.delivered = PhoneTable::from_pairs(&pairs);
     let mut stmt = conn.prepare_cached(
         "SELECT phone, started_at FROM in_flight WHERE scope_id = ?1 ORDER BY phone",
@@ -321,6 +341,19 @@ fn load_scope(conn: &Connection, id: i64) -> rusqlite::Result<SinkIndex> {
         index.in_flight.push(row?);
     }
     Ok(index)
+}
+
+/// The `(phone, hash)` rows of one scope, phones ascending (key order).
+fn delivered_rows(conn: &Connection, id: i64) -> rusqlite::Result<Vec<(u64, u64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT phone, payload_hash FROM delivered WHERE scope_id = ?1 ORDER BY phone",
+    )?;
+    let mut pairs = Vec::new();
+    let mut rows = stmt.query(params![id])?;
+    while let Some(row) = rows.next()? {
+        pairs.push((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64));
+    }
+    Ok(pairs)
 }
 
 /// One write, applied by the writer thread.
@@ -593,6 +626,13 @@ fn write_loop(
             Err(e) => failed = Some(err(e)),
         }
     }
+    if failed.is_none() {
+        // A cache only: a run whose snapshots cannot be written is still done.
+        let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+        if let Err(e) = snapshot::refresh(&mut conn, scopes) {
+            tracing::warn!("state {}: snapshots not written: {e}", path.display());
+        }
+    }
     // Merge the WAL back so the state is one self-contained file between runs.
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
     match failed {
@@ -638,6 +678,7 @@ mod tests {
         assert_eq!(thread.finish().unwrap(), 6);
 
         let idx = load(&path, &scopes(), true).unwrap();
+        assert!(idx[0].from_snapshot() && idx[1].from_snapshot());
         assert_eq!(idx[0].delivered(E164(5511987654321)), Some(43));
         assert_eq!(idx[0].delivered(E164(5511900000000)), Some(7));
         assert_eq!(idx[0].delivered(E164(1)), None);
@@ -656,6 +697,56 @@ mod tests {
         )
         .unwrap();
         assert_eq!(other[0].delivered_count(), 0);
+    }
+
+    /// A snapshot that outlived a change to its rows would hide it: a contact
+    /// forgotten by hand would never be sent again, an updated hash would
+    /// read as the old one. Whoever writes the rows drops the snapshot.
+    #[test]
+    fn a_write_from_outside_the_writer_drops_the_stale_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (writer, thread) = StateWriter::start(&path, scopes()).unwrap();
+        for phone in [5511900000001, 5511900000002, 5511900000003] {
+            writer.delivered(0, E164(phone), 1);
+        }
+        writer.delivered(1, E164(14155550100), 1);
+        drop(writer);
+        thread.finish().unwrap();
+        assert!(load(&path, &scopes(), true).unwrap()[0].from_snapshot());
+
+        // As the README's "Resetting" does, with the sqlite3 shell.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM delivered WHERE phone = 5511900000001", [])
+            .unwrap();
+        conn.execute(
+            "UPDATE delivered SET payload_hash = 2 WHERE phone = 5511900000002",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let idx = load(&path, &scopes(), true).unwrap();
+        assert!(!idx[0].from_snapshot(), "the changed scope reads its rows");
+        assert!(idx[1].from_snapshot(), "the other scope keeps its snapshot");
+        assert_eq!(idx[0].delivered(E164(5511900000001)), None);
+        assert_eq!(idx[0].delivered(E164(5511900000002)), Some(2));
+        assert_eq!(idx[0].delivered(E164(5511900000003)), Some(1));
+
+        // The next run that ends stores a fresh one.
+        let (writer, thread) = StateWriter::start(&path, scopes()).unwrap();
+        drop(writer);
+        thread.finish().unwrap();
+        let idx = load(&path, &scopes(), true).unwrap();
+        assert!(idx[0].from_snapshot());
+        assert_eq!(idx[0].delivered(E164(5511900000001)), None);
+        assert_eq!(idx[0].delivered(E164(5511900000002)), Some(2));
+        // A write by the writer itself drops it too.
+        let (writer, thread) = StateWriter::start(&path, scopes()).unwrap();
+        writer.delivered(0, E164(5511900000001), 3);
+        drop(writer);
+        thread.finish().unwrap();
+        let idx = load(&path, &scopes(), true).unwrap();
+        assert_eq!(idx[0].delivered(E164(5511900000001)), Some(3));
     }
 
     #[test]
