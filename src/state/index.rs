@@ -52,6 +52,41 @@ impl PhoneTable {
         table
     }
 
+    /// The table whose slots are `slots` (as [`PhoneTable::slots`] gave them),
+    /// if they are one: a power-of-two count at most 3/4 full, and every phone
+    /// where its probe finds it — checked in one pass, so that slots laid out
+    /// by another build (another hash) are never trusted.
+    pub fn from_slots(slots: Box<[(u64, u64)]>) -> Option<PhoneTable> {
+        let n = slots.len();
+        let mask = n.wrapping_sub(1);
+        let len = slots.iter().filter(|(phone, _)| *phone != 0).count();
+        if !n.is_power_of_two() || n < 8 || len * 4 > n * 3 {
+            return None;
+        }
+        let table = PhoneTable { slots, len };
+        // Walk once around from an empty slot: a phone is found iff no empty
+        // slot lies between its home and its place.
+        let empty = table.slots.iter().position(|(phone, _)| *phone == 0)?;
+        let mut run_start = empty + 1;
+        for step in 1..=n {
+            let i = (empty + step) & mask;
+            let phone = table.slots[i].0;
+            if phone == 0 {
+                run_start = i + 1;
+            } else if (i.wrapping_sub(table.home(phone)) & mask)
+                > (i.wrapping_sub(run_start) & mask)
+            {
+                return None;
+            }
+        }
+        Some(table)
+    }
+
+    /// The slots, `(0, 0)` where empty: what [`PhoneTable::from_slots`] takes back.
+    pub fn slots(&self) -> &[(u64, u64)] {
+        &self.slots
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -153,6 +188,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        /// Slots read back are the same table; slots moved out of their probe
+        /// (as another hash function would place them) are refused.
+        #[test]
+        fn from_slots_takes_back_its_own_slots_only(
+            phones in proptest::collection::hash_set(1u64..u64::MAX, 1..500),
+            shift in 1usize..7,
+        ) {
+            let pairs: Vec<_> = phones.iter().map(|&p| (p, p ^ 7)).collect();
+            let table = PhoneTable::from_pairs(&pairs);
+            let back = PhoneTable::from_slots(table.slots().into()).expect("its own slots");
+            prop_assert_eq!(back.len(), table.len());
+            for &(phone, hash) in &pairs {
+                prop_assert_eq!(back.get(phone), Some(hash));
+            }
+            let mut moved = table.slots().to_vec();
+            moved.rotate_left(shift);
+            if let Some(moved) = PhoneTable::from_slots(moved.into()) {
+                // Accepted only if every phone is still found where it now sits.
+                for &(phone, hash) in &pairs {
+                    prop_assert_eq!(moved.get(phone), Some(hash));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn from_slots_refuses_what_is_not_a_table() {
+        assert!(
+            PhoneTable::from_slots(vec![(0, 0); 12].into()).is_none(),
+            "not a power of two"
+        );
+        assert!(
+            PhoneTable::from_slots(vec![(1, 0); 8].into()).is_none(),
+            "full"
+        );
+        // 5 sits at a slot its probe never reaches (an empty slot before it).
+        let home = PhoneTable::default().home(5);
+        let mut slots = vec![(0, 0); 8];
+        slots[(home + 2) & 7] = (5, 1);
+        assert!(PhoneTable::from_slots(slots.into()).is_none());
     }
 
     #[test]

@@ -322,15 +322,14 @@ pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Vec<SinkIn
 /// The index of one scope: from its snapshot when it has one, else from its rows.
 fn load_scope(conn: &Connection, id: i64) -> rusqlite::Result<SinkIndex> {
     let mut index = SinkIndex::default();
-    // Pairs first (sequential writes), then the table at its final size in one pass.
-    let pairs = match snapshot::read(conn, id) {
-        Some(pairs) => {
+    index.delivered = match snapshot::read(conn, id) {
+        Some(table) => {
             index.from_snapshot = true;
-            pairs
+            table
         }
-        None => delivered_rows(conn, id)?,
+        // Pairs first (sequential writes), then the table at its final size in one pass.
+        None => PhoneTable::from_pairs(&delivered_rows(conn, id)?),
     };
-    index.delivered = PhoneTable::from_pairs(&pairs);
     let mut stmt = conn.prepare_cached(
         "SELECT phone, started_at FROM in_flight WHERE scope_id = ?1 ORDER BY phone",
     )?;
