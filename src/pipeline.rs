@@ -240,10 +240,15 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
             }
         });
     }
+    // The workers hash payloads only for the sinks whose state decisions
+    // compare them; the merger hashes the rows the others send (see `route`).
     let hashing: Vec<bool> = incremental
         .indexes
         .iter()
-        .map(|index| !options.dry_run || index.delivered_count() > 0)
+        .zip(&config.sinks)
+        .map(|(index, sink)| {
+            sink.hash_decides() && (!options.dry_run || index.delivered_count() > 0)
+        })
         .collect();
     let stages = Stages {
         input: config.input.clone(),
@@ -974,6 +979,10 @@ impl<'a> Merger<'a> {
         self.sent[s] += 1;
         *self.groups[s].entry(group).or_insert(0) += 1;
         if let Some((lane, _)) = self.lanes.get(s) {
+            let hash = match self.run.hashing[s] {
+                true => hash,
+                false => recorded_hash(sink.as_ref(), row, phone),
+            };
             let layout = &self.run.stages.layout;
             let meta = ItemMeta {
                 source: row.chunk.source_name.clone(),
@@ -987,6 +996,15 @@ impl<'a> Merger<'a> {
             lane.push(SinkItem { meta, payload })?;
         }
         Ok(())
+    }
+}
+
+/// The payload hash the state records for a row sent by a sink that checked
+/// it without one ([`Sink::hash_decides`]).
+fn recorded_hash(sink: &dyn Sink, row: RowView<'_>, phone: E164) -> u64 {
+    match sink.check(row, phone, true) {
+        Check::Ready { hash, .. } => hash,
+        _ => 0,
     }
 }
 

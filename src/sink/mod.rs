@@ -172,6 +172,13 @@ pub trait Sink: Send + Sync + std::fmt::Debug {
     fn decide(&self, known: &SinkIndex, rerun: Rerun, phone: E164, hash: u64) -> Option<Check> {
         (!rerun.full && known.delivered(phone) == Some(hash)).then_some(Check::Unchanged)
     }
+    /// Whether the payload hash takes part in [`Sink::decide`]. When it does
+    /// not (CloudHumans: a template goes to a phone at most once, whatever its
+    /// variables), rows are checked without it and only the rows sent are
+    /// hashed, for the state's record: a re-run that sends nothing hashes nothing.
+    fn hash_decides(&self) -> bool {
+        true
+    }
     /// A per-run cap on rows sent, with the config key that sets it.
     fn max_rows(&self) -> Option<(u64, &'static str)> {
         None

@@ -128,6 +128,10 @@ impl Sink for CloudHumans {
         None
     }
 
+    fn hash_decides(&self) -> bool {
+        false
+    }
+
     fn max_rows(&self) -> Option<(u64, &'static str)> {
         self.config.max_messages.map(|m| (m, "max_messages"))
     }
