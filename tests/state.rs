@@ -103,6 +103,32 @@ fn a_contact_forgotten_by_hand_is_sent_again_despite_the_snapshot() {
     assert_eq!(second.log.weni().writes.len(), weni_writes + 1);
 }
 
+/// CloudHumans rows are checked without a payload hash (it never decides
+/// them); the rows it sends must still be recorded with their own hash, as
+/// every earlier build recorded them, not with 0.
+#[test]
+fn cloudhumans_deliveries_record_their_payload_hash() {
+    let rig = Rig::new(sandbox_options());
+    rig.input(&phones(25));
+    let run = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let state = rusqlite::Connection::open(rig.path("crm-import-state.db")).unwrap();
+    let hashes: Vec<i64> = state
+        .prepare(
+            "SELECT payload_hash FROM delivered
+             WHERE scope_id = (SELECT id FROM scopes WHERE sink = 'cloudhumans')",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(hashes.len(), 25);
+    assert!(!hashes.contains(&0), "{hashes:?}");
+    let distinct: HashSet<i64> = hashes.iter().copied().collect();
+    assert_eq!(distinct.len(), 25, "each phone's own hash");
+}
+
 #[test]
 fn full_and_resend_flags_and_dry_run_reading_the_state() {
     let rig = Rig::new(sandbox_options());
