@@ -59,8 +59,10 @@ rm -f "$DATA/e2e-times.txt"
 BINS="new"; [[ -n "${BASE_BIN:-}" ]] && BINS="new base"
 for profile in $PROFILES; do
   csv=$(data "$profile" "$ROWS")
-  # Runs alternate binaries and configurations, so that ratios are side by side.
-  for _ in $(seq "$RUNS"); do
+  # Runs alternate binaries and configurations, so that ratios are side by side;
+  # the pandas runs are spread among them (after rounds RUNS/PANDAS_RUNS apart),
+  # so that the VM's slow and fast phases of a few minutes hit both alike.
+  for round in $(seq "$RUNS"); do
     for which in $BINS; do
       bin=$BIN; [[ $which == base ]] && bin=$BASE_BIN
       for sinks in three one; do
@@ -70,9 +72,9 @@ for profile in $PROFILES; do
       timed "$which-$profile-three-parquet" "$bin" run -q --config fixtures/bench.toml --dry-run \
         --report "$DATA/report-$which-$profile-parquet.csv" "${csv%.csv}.parquet"
     done
-  done
-  for _ in $(seq "$PANDAS_RUNS"); do
-    timed "pandas-$profile" python3 benches/baseline_pandas.py "$csv" "$DATA/report-pandas-$profile.csv"
+    if (( round * PANDAS_RUNS / RUNS > (round - 1) * PANDAS_RUNS / RUNS )); then
+      timed "pandas-$profile" python3 benches/baseline_pandas.py "$csv" "$DATA/report-pandas-$profile.csv"
+    fi
   done
 done
 

@@ -4,9 +4,10 @@
 # in a separate process on 127.0.0.1.
 #
 #   1. populate: one real run, all three sinks unthrottled (also reports its speed);
-#   2. time RUNS dry runs and RUNS real re-runs of the same file, alternating;
-#   3. report the ratio of medians, the requests the re-runs made (must be 0),
-#      and the state's size per contact.
+#   2. time RUNS dry runs that read the state, RUNS dry runs without any state
+#      and RUNS real re-runs of the same file, alternating;
+#   3. report the ratios of medians (re-run against each dry run), the requests
+#      the re-runs made (must be 0), and the state's size per contact.
 #
 #   benches/state.sh          # ROWS=1000000 RUNS=5 PROFILE=messy
 #   PROFILE=br benches/state.sh   # the 70%-Brazilian export of earlier issues
@@ -57,16 +58,20 @@ requests() { python3 -c "import json,sys,urllib.request; l=json.load(urllib.requ
 read -r pop_s pop_kb < "$DATA/populate.time"
 after_populate=$(requests)
 
-dry=(); rerun=(); rss=0
+dry=(); stateless=(); rerun=(); rss=0
 for _ in $(seq "$RUNS"); do
   /usr/bin/time -f "%e %M" -o "$DATA/t" "$BIN" run -q --dry-run --config "$DATA/state-bench.toml" "$CSV" 2>/dev/null || true
   read -r t _ < "$DATA/t"; dry+=("$t")
+  # The same dry run without any state (fixtures/bench.toml names no state file that exists).
+  /usr/bin/time -f "%e %M" -o "$DATA/t" "$BIN" run -q --dry-run --config fixtures/bench.toml \
+    --report "$DATA/state-bench-stateless.csv" "$CSV" 2>/dev/null || true
+  read -r t _ < "$DATA/t"; stateless+=("$t")
   /usr/bin/time -f "%e %M" -o "$DATA/t" "$BIN" run -q --config "$DATA/state-bench.toml" "$CSV" 2> "$DATA/rerun.stderr" || true
   read -r t m < "$DATA/t"; rerun+=("$t"); (( m > rss )) && rss=$m
 done
 after_reruns=$(requests)
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-dry_m=$(median "${dry[@]}"); rerun_m=$(median "${rerun[@]}")
+dry_m=$(median "${dry[@]}"); rerun_m=$(median "${rerun[@]}"); stateless_m=$(median "${stateless[@]}")
 unique=$(grep -o '[0-9,]* unique phones' "$DATA/rerun.stderr" | head -1 | tr -d ', a-z')
 bytes=$(stat -c %s "$STATE")
 python3 - <<PY
@@ -75,6 +80,7 @@ dry, rerun = $dry_m, $rerun_m
 unique, size = int("$unique"), $bytes
 print(f"populate (real run, 3 sinks, unthrottled sandbox): {pop_s:.1f} s, peak {pop_kb/1024:.0f} MB, {$after_populate} requests")
 print(f"dry run median {dry:.2f} s ({$RUNS} runs: ${dry[*]}); unchanged re-run median {rerun:.2f} s (${rerun[*]}); ratio {rerun/dry:.2f}x; re-run peak RSS {$rss/1024:.0f} MB")
+print(f"stateless dry run median {$stateless_m:.2f} s (${stateless[*]}); re-run / stateless dry run {rerun/$stateless_m:.2f}x")
 print(f"requests made by the {$RUNS} re-runs: {$after_reruns - $after_populate}")
 print(f"state: {size/1e6:.1f} MB for {unique} contacts x 3 sinks = {size/unique:.0f} bytes per contact ({size/unique/3:.0f} per contact and sink)")
 grep_unchanged = open("$DATA/rerun.stderr").read()
