@@ -13,6 +13,7 @@
 //! in_flight(scope_id INTEGER, phone INTEGER,
 //!           payload_hash INTEGER, started_at INTEGER,
 //!           PRIMARY KEY (scope_id, phone)) WITHOUT ROWID
+//! snapshots(scope_id INTEGER PRIMARY KEY, slots BLOB)  -- a cache of `delivered` (snapshot.rs)
 //! ```
 //!
 //! Scopes are an integer id in the big tables, so that a row costs about 30
@@ -55,7 +56,9 @@
 //!   that carry in-flight markers run with `synchronous = FULL`, so a marker is
 //!   on disk before its message can leave, even across a power loss.
 //! - Lookups never hit SQLite per row: at start each sink's `(phone, hash)`
-//!   pairs for its scope are loaded into a [`PhoneTable`] (`index.rs`).
+//!   pairs for its scope are loaded into a [`PhoneTable`] (`index.rs`), from
+//!   the scope's snapshot when it has a valid one (`snapshot.rs`), else from
+//!   its rows.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
