@@ -58,12 +58,11 @@ impl PhoneTable {
     /// by another build (another hash) are never trusted.
     pub fn from_slots(slots: Box<[(u64, u64)]>) -> Option<PhoneTable> {
         let n = slots.len();
-        let mask = n.wrapping_sub(1);
-        let len = slots.iter().filter(|(phone, _)| *phone != 0).count();
-        if !n.is_power_of_two() || n < 8 || len * 4 > n * 3 {
+        if !n.is_power_of_two() || n < 8 {
             return None;
         }
-        let table = PhoneTable { slots, len };
+        let mask = n - 1;
+        let mut table = PhoneTable { slots, len: 0 };
         // Walk once around from an empty slot: a phone is found iff no empty
         // slot lies between its home and its place.
         let empty = table.slots.iter().position(|(phone, _)| *phone == 0)?;
@@ -77,9 +76,11 @@ impl PhoneTable {
                 > (i.wrapping_sub(run_start) & mask)
             {
                 return None;
+            } else {
+                table.len += 1;
             }
         }
-        Some(table)
+        (table.len * 4 <= n * 3).then_some(table)
     }
 
     /// The slots, `(0, 0)` where empty: what [`PhoneTable::from_slots`] takes back.

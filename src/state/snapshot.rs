@@ -1,7 +1,7 @@
-//! Snapshots: each scope's `(phone, hash)` pairs kept as one blob, so that a
-//! re-run loads its index with one read instead of stepping SQLite through
-//! every `delivered` row. Stepping 3 × 775k rows took 0.31 s before the first
-//! input row could be decided, about half of a 1M-row dry run (issue 11).
+//! Snapshots: each scope's index (its [`PhoneTable`] slots) kept as one blob,
+//! so that a re-run loads it with one read instead of stepping SQLite through
+//! every `delivered` row. Stepping 3 × 775k rows took 0.38 s before the first
+//! input row could be decided; the snapshots take about 0.04 s (issue 11).
 //!
 //! A snapshot is only a cache of the `delivered` rows, which stay the truth.
 //! It exists only while it matches them: triggers delete a scope's snapshot in
@@ -34,9 +34,9 @@ pub(super) const SCHEMA: &str = "
 /// changes it too (and `PhoneTable::from_slots` refuses misplaced slots anyway).
 const MAGIC: &[u8; 8] = b"CRMTBL01";
 
-/// Bytes read from the blob at a time: the slots are decoded as they come,
-/// without a second copy of the whole table in memory.
-const READ_BYTES: usize = 64 * 1024;
+/// Bytes read or written at a time: slots are converted piece by piece,
+/// never as a second copy of the whole table in memory.
+const PIECE_BYTES: usize = 64 * 1024;
 
 /// The scope's index from its snapshot, if it has a well-formed one. `None`
 /// also for a file without the table (opened read-only, never by this build).
@@ -45,20 +45,16 @@ const READ_BYTES: usize = 64 * 1024;
 /// as is and checked in one pass ([`PhoneTable::from_slots`]): rebuilding the
 /// table from pairs instead cost 33 ms per 775k contacts in random writes.
 pub(super) fn read(conn: &Connection, scope_id: i64) -> Option<PhoneTable> {
-    let blob = conn
-        .blob_open(MAIN_DB, "snapshots", "slots", scope_id, true)
-        .ok()?;
-    let body = blob.len().checked_sub(MAGIC.len())?;
-    let mut magic = [0u8; 8];
-    blob.read_at_exact(&mut magic, 0).ok()?;
-    if &magic != MAGIC || body % 16 != 0 {
+    let blob = open_current(conn, scope_id)?;
+    let body = blob.len() - MAGIC.len();
+    if !body.is_multiple_of(16) {
         return None;
     }
     let mut slots = vec![(0u64, 0u64); body / 16].into_boxed_slice();
-    let mut buf = vec![0u8; READ_BYTES];
-    for (i, part) in slots.chunks_mut(READ_BYTES / 16).enumerate() {
+    let mut buf = vec![0u8; PIECE_BYTES];
+    for (i, part) in slots.chunks_mut(PIECE_BYTES / 16).enumerate() {
         let bytes = &mut buf[..part.len() * 16];
-        blob.read_at_exact(bytes, MAGIC.len() + i * READ_BYTES)
+        blob.read_at_exact(bytes, MAGIC.len() + i * PIECE_BYTES)
             .ok()?;
         for (slot, pair) in part.iter_mut().zip(bytes.chunks_exact(16)) {
             *slot = (word(&pair[..8]), word(&pair[8..]));
@@ -73,7 +69,7 @@ pub(super) fn refresh(conn: &mut Connection, scope_ids: &[i64]) -> rusqlite::Res
     let tx = conn.transaction()?;
     let mut written = 0;
     for &id in scope_ids {
-        if !has_current_format(&tx, id) {
+        if open_current(&tx, id).is_none() {
             tx.execute("DELETE FROM snapshots WHERE scope_id = ?1", [id])?;
             let table = PhoneTable::from_pairs(&super::delivered_rows(&tx, id)?);
             write(&tx, id, table.slots())?;
@@ -84,17 +80,20 @@ pub(super) fn refresh(conn: &mut Connection, scope_ids: &[i64]) -> rusqlite::Res
     Ok(written)
 }
 
-/// Whether the scope has a snapshot in this build's format (one written by
-/// another format is replaced, not kept forever beside the rows).
-fn has_current_format(conn: &Connection, scope_id: i64) -> bool {
+/// The scope's snapshot blob, opened for reading, if it has one in this
+/// build's format (one of another format is replaced by `refresh`, not kept
+/// forever beside the rows).
+fn open_current(conn: &Connection, scope_id: i64) -> Option<rusqlite::blob::Blob<'_>> {
+    let blob = conn
+        .blob_open(MAIN_DB, "snapshots", "slots", scope_id, true)
+        .ok()?;
     let mut magic = [0u8; 8];
-    conn.blob_open(MAIN_DB, "snapshots", "slots", scope_id, true)
-        .and_then(|blob| blob.read_at_exact(&mut magic, 0))
-        .is_ok_and(|()| &magic == MAGIC)
+    blob.read_at_exact(&mut magic, 0).ok()?;
+    (&magic == MAGIC).then_some(blob)
 }
 
 /// Stores `slots` as scope `scope_id`'s snapshot: `MAGIC`, then each slot as
-/// two little-endian u64. Written in `READ_BYTES` pieces into a blob sized
+/// two little-endian u64. Written in `PIECE_BYTES` pieces into a blob sized
 /// up front, so that neither this code nor SQLite (which copies a bound
 /// parameter) holds a second 16 MB copy of the table.
 fn write(conn: &Connection, scope_id: i64, slots: &[(u64, u64)]) -> rusqlite::Result<()> {
@@ -104,10 +103,10 @@ fn write(conn: &Connection, scope_id: i64, slots: &[(u64, u64)]) -> rusqlite::Re
     )?;
     let mut blob = conn.blob_open(MAIN_DB, "snapshots", "slots", scope_id, false)?;
     blob.write_all_at(MAGIC, 0)?;
-    let mut buf = Vec::with_capacity(READ_BYTES);
-    for (i, part) in slots.chunks(READ_BYTES / 16).enumerate() {
+    let mut buf = Vec::with_capacity(PIECE_BYTES);
+    for (i, part) in slots.chunks(PIECE_BYTES / 16).enumerate() {
         encode_slots(part, &mut buf);
-        blob.write_all_at(&buf, MAGIC.len() + i * READ_BYTES)?;
+        blob.write_all_at(&buf, MAGIC.len() + i * PIECE_BYTES)?;
     }
     Ok(())
 }
