@@ -39,6 +39,10 @@ use std::sync::OnceLock;
 use hashbrown::HashMap;
 
 use regex::Regex;
+use regex_automata::Anchored;
+use regex_automata::dfa::{Automaton, StartKind, dense};
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
 
 /// Shortest national significant number libphonenumber accepts.
 const MIN_LENGTH_FOR_NSN: usize = 2;
@@ -178,9 +182,14 @@ include!(concat!(env!("OUT_DIR"), "/regions.rs"));
 /// NANPA regions), but matches few of their ~15 patterns each: compiling them
 /// all up front was 15% of a 200k-row run's instructions (callgrind), paid by
 /// every worker at start, when the rest of the pipeline waits for it.
+///
+/// Tests ([`LazyRegex::is_match`]) use the pattern's anchored DFA; only the
+/// few callers that need a match's end or groups (`find`, `captures`) build
+/// the `regex` crate's engine.
 struct LazyRegex {
     source: String,
     regex: OnceCell<Regex>,
+    dfa: OnceCell<Option<AnchoredDfa>>,
 }
 
 impl LazyRegex {
@@ -196,6 +205,7 @@ impl LazyRegex {
         LazyRegex {
             source,
             regex: OnceCell::new(),
+            dfa: OnceCell::new(),
         }
     }
 
@@ -207,8 +217,105 @@ impl LazyRegex {
         })
     }
 
+    /// Whether the pattern matches `text` (whole, or a prefix for "lookingAt").
     fn is_match(&self, text: &str) -> bool {
-        self.get().is_match(text)
+        match self.dfa.get_or_init(|| AnchoredDfa::new(&self.source)) {
+            Some(dfa) => dfa.is_match(text.as_bytes()),
+            None => self.get().is_match(text),
+        }
+    }
+
+    /// Where the pattern's leftmost-first match at the start of `text` ends
+    /// ("lookingAt" patterns; `Regex::find` on `^(?:pattern)`).
+    fn prefix_end(&self, text: &str) -> Option<usize> {
+        match self.dfa.get_or_init(|| AnchoredDfa::new(&self.source)) {
+            Some(dfa) => dfa.prefix_end(text.as_bytes()),
+            None => self.get().find(text).map(|m| m.end()),
+        }
+    }
+
+    #[cfg(test)]
+    fn is_compiled(&self) -> bool {
+        self.regex.get().is_some() || self.dfa.get().is_some_and(Option::is_some)
+    }
+}
+
+/// A metadata pattern as a fully built, anchored DFA, walked byte by byte.
+///
+/// Written by hand (the walk, not the automaton) because `Regex::is_match`
+/// pays the meta engine's per-call setup — strategy dispatch, `Input`
+/// building, the search loop's prefilter and look-around checks — which on
+/// a 10-digit national number costs several times the walk itself, and a
+/// row runs 3–6 such tests (perf: ≈ 13% of a messy dry run's CPU in regex
+/// search functions). `regex-automata` builds the DFA; this only steps it.
+struct AnchoredDfa {
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+}
+
+/// Largest DFA built for one pattern; a pattern over it (none in today's
+/// metadata) falls back to the `regex` engine.
+const DFA_SIZE_LIMIT: usize = 1 << 20;
+
+impl AnchoredDfa {
+    fn new(source: &str) -> Option<AnchoredDfa> {
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::Config::new()
+                    .start_kind(StartKind::Anchored)
+                    .dfa_size_limit(Some(DFA_SIZE_LIMIT))
+                    .determinize_size_limit(Some(DFA_SIZE_LIMIT)),
+            )
+            .build(source)
+            .ok()?;
+        let start = dfa
+            .start_state(&start::Config::new().anchored(Anchored::Yes))
+            .ok()?;
+        Some(AnchoredDfa { dfa, start })
+    }
+
+    /// regex-automata's DFAs report a match one byte late, so a match state
+    /// seen after byte `i` means a match of `text[..i]`: a prefix, which is
+    /// all "lookingAt" asks; a pattern ending in `$` only matches at the end.
+    fn is_match(&self, text: &[u8]) -> bool {
+        let dfa = &self.dfa;
+        let mut state = self.start;
+        for &byte in text {
+            state = dfa.next_state(state, byte);
+            if dfa.is_special_state(state) {
+                if dfa.is_match_state(state) {
+                    return true;
+                }
+                // No quit states: the patterns have no Unicode word boundary.
+                if dfa.is_dead_state(state) {
+                    return false;
+                }
+            }
+        }
+        dfa.is_match_state(dfa.next_eoi_state(state))
+    }
+
+    /// The end of the leftmost-first match at the start of `text`: the last
+    /// match state seen before the DFA dies (it dies once no match of higher
+    /// priority can follow), as regex-automata's own forward search does.
+    fn prefix_end(&self, text: &[u8]) -> Option<usize> {
+        let dfa = &self.dfa;
+        let mut state = self.start;
+        let mut end = None;
+        for (at, &byte) in text.iter().enumerate() {
+            state = dfa.next_state(state, byte);
+            if dfa.is_special_state(state) {
+                if dfa.is_match_state(state) {
+                    end = Some(at);
+                } else if dfa.is_dead_state(state) {
+                    return end;
+                }
+            }
+        }
+        if dfa.is_match_state(dfa.next_eoi_state(state)) {
+            end = Some(text.len());
+        }
+        end
     }
 }
 
@@ -305,11 +412,6 @@ impl CompiledRegion {
     /// libphonenumber's `matchNationalNumber(number, generalDesc, false)`.
     fn general_matches(&self, nsn: &str) -> bool {
         self.general.is_match(nsn)
-    }
-
-    /// libphonenumber's `getNumberTypeHelper(..) != UNKNOWN`.
-    fn is_valid_nsn(&self, nsn: &str) -> bool {
-        self.classify(nsn).is_some()
     }
 
     /// `None` when `nsn` is not valid here, else whether it is a mobile number
@@ -487,7 +589,7 @@ impl PhoneNormalizer {
                 });
             }
         };
-        let is_mobile = self.region_for_number(code, &nsn).map(|(_, m)| m);
+        let is_mobile = self.mobile_if_valid(code, &nsn);
         match is_mobile {
             Some(false) if let Some(mobile) = self.forgotten_plus_mobile(raw, code) => Ok(mobile),
             Some(_) => Ok(to_e164(code, &nsn)),
@@ -515,7 +617,7 @@ impl PhoneNormalizer {
             return None;
         }
         let (alt_code, alt_nsn) = self.parse(&format!("+{digits}"), None).ok()?;
-        let (_, is_mobile) = self.region_for_number(alt_code, &alt_nsn)?;
+        let is_mobile = self.mobile_if_valid(alt_code, &alt_nsn)?;
         is_mobile.then(|| to_e164(alt_code, &alt_nsn))
     }
 
@@ -543,31 +645,27 @@ impl PhoneNormalizer {
 
     /// libphonenumber's `isValidNumber`: find the region for the number among
     /// those sharing its code (`getRegionCodeForNumber`), then match its types.
-    /// Returns that region when the number is valid in it, and whether it is a mobile.
-    fn region_for_number(&mut self, code: u16, nsn: &str) -> Option<(&CompiledRegion, bool)> {
+    /// `None` when the number is not valid there, else whether it is a mobile.
+    fn mobile_if_valid(&mut self, code: u16, nsn: &str) -> Option<bool> {
         let metas = directory().by_code.get(&code)?;
-        let mut found = None;
         if metas.len() == 1 {
-            found = Some(metas[0]);
-        } else {
-            for &meta in metas {
-                let region = self.compiled(meta);
-                match &region.leading_digits {
-                    Some(leading) if leading.is_match(nsn) => {
-                        found = Some(meta);
-                        break;
+            return self.compiled(metas[0]).classify(nsn);
+        }
+        for &meta in metas {
+            let region = self.compiled(meta);
+            match &region.leading_digits {
+                Some(leading) if leading.is_match(nsn) => return region.classify(nsn),
+                Some(_) => {}
+                // A region without leading digits is picked when the number is
+                // valid in it: that test is the classification itself.
+                None => {
+                    if let Some(is_mobile) = region.classify(nsn) {
+                        return Some(is_mobile);
                     }
-                    Some(_) => {}
-                    None if region.is_valid_nsn(nsn) => {
-                        found = Some(meta);
-                        break;
-                    }
-                    None => {}
                 }
             }
         }
-        let region = self.compiled(found?);
-        region.classify(nsn).map(|is_mobile| (region, is_mobile))
+        None
     }
 
     /// libphonenumber's `parseHelper`: returns (country code, national significant number).
@@ -654,12 +752,7 @@ impl PhoneNormalizer {
         }
         let mut full = std::mem::take(&mut self.scratch);
         let source = {
-            let idd = default_meta.and_then(|m| {
-                self.compiled(m)
-                    .international_prefix
-                    .as_ref()
-                    .map(LazyRegex::get)
-            });
+            let idd = default_meta.and_then(|m| self.compiled(m).international_prefix.as_ref());
             maybe_strip_international_prefix_and_normalize(number, idd, &mut full)
         };
         let result = if source != CountryCodeSource::DefaultCountry {
@@ -922,7 +1015,7 @@ fn keypad_digit(c: char) -> char {
 /// `out` with the normalized digits (prefix removed), in place: it runs per row.
 fn maybe_strip_international_prefix_and_normalize(
     number: &str,
-    idd: Option<&Regex>,
+    idd: Option<&LazyRegex>,
     out: &mut String,
 ) -> CountryCodeSource {
     out.clear();
@@ -933,10 +1026,9 @@ fn maybe_strip_international_prefix_and_normalize(
     }
     normalize_into(number, out);
     if let Some(idd) = idd
-        && let Some(m) = idd.find(out)
+        && let Some(end) = idd.prefix_end(out)
     {
         // Country calling codes never start with 0: "0 0 0..." after the IDD is not one.
-        let end = m.end();
         if !out[end..].starts_with('0') {
             out.drain(..end);
             return CountryCodeSource::NumberWithIdd;
@@ -1059,10 +1151,74 @@ mod tests {
                 .flatten()
                 .chain(std::iter::once(&r.general))
                 .chain(r.types.iter().map(|t| &t.full))
-                .filter(|p| p.regex.get().is_some())
+                .filter(|p| p.is_compiled())
                 .count()
             })
             .sum()
+    }
+
+    /// Every metadata pattern (all regions and non-geographic codes) builds
+    /// as an [`AnchoredDfa`], and its walk answers as the `regex` engine does:
+    /// `is_match`, and the end of a "lookingAt" match.
+    #[test]
+    fn anchored_dfas_answer_as_the_regex_engine() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        let texts: Vec<String> = (0..400)
+            .map(|_| {
+                let len = next() % 18;
+                (0..len)
+                    .map(|_| match next() % 40 {
+                        0 => 'x',
+                        _ => char::from(b'0' + (next() % 10) as u8),
+                    })
+                    .collect()
+            })
+            .collect();
+        let metas = directory().by_code.values().flatten();
+        let (mut pairs, mut matched) = (0, 0);
+        for meta in metas {
+            let region = CompiledRegion::new(meta);
+            let patterns = [
+                &region.international_prefix,
+                &region.national_prefix_for_parsing,
+                &region.leading_digits,
+            ];
+            let patterns = patterns
+                .into_iter()
+                .flatten()
+                .chain(std::iter::once(&region.general));
+            for pattern in patterns.chain(region.types.iter().map(|t| &t.full)) {
+                let dfa = AnchoredDfa::new(&pattern.source)
+                    .unwrap_or_else(|| panic!("no DFA for {}", pattern.source));
+                let regex = pattern.get();
+                for text in &texts {
+                    let expected = regex.is_match(text);
+                    assert_eq!(
+                        dfa.is_match(text.as_bytes()),
+                        expected,
+                        "{} on {text:?}",
+                        pattern.source
+                    );
+                    let end = regex.find(text).map(|m| m.end());
+                    assert_eq!(
+                        dfa.prefix_end(text.as_bytes()),
+                        end,
+                        "{} on {text:?}",
+                        pattern.source
+                    );
+                    pairs += 1;
+                    matched += expected as usize;
+                }
+            }
+        }
+        // The texts must exercise both answers, not only "no".
+        assert!(matched * 50 > pairs, "{matched} matches in {pairs} tests");
     }
 
     /// A Canadian number goes through the US first (+1 is shared by 25
