@@ -1054,34 +1054,32 @@ fn extract_country_code(full: &str) -> Option<(u16, &str)> {
 /// libphonenumber's `maybeStripNationalPrefixAndCarrierCode`: the number without
 /// its national prefix, or `None` when it stays as it is.
 fn national_prefix_stripped(number: &str, region: &CompiledRegion) -> Option<String> {
-    let prefix = region.national_prefix_for_parsing.as_ref()?.get();
-    // `captures` allocates its slots even when nothing matches, which is the
-    // common case (most national numbers carry no prefix): test first.
-    if number.is_empty() || !prefix.is_match(number) {
+    let prefix = region.national_prefix_for_parsing.as_ref()?;
+    if number.is_empty() {
         return None;
     }
-    let caps = prefix.captures(number)?;
-    let whole = caps.get(0).map(|m| m.end()).unwrap_or(0);
+    // Most national numbers carry no prefix: the DFA says so without the
+    // regex engine. Only a transform rule needs the groups (`captures`).
+    let whole = prefix.prefix_end(number)?;
     let viable_original = region.general_matches(number);
-    let groups = caps.len() - 1;
-    let last_group_matched = caps.get(groups).is_some();
-    match &region.national_prefix_transform_rule {
-        Some(rule) if !rule.is_empty() && last_group_matched => {
-            let mut transformed = String::with_capacity(number.len() + 2);
-            caps.expand(rule, &mut transformed);
-            transformed.push_str(&number[whole..]);
-            if viable_original && !region.general_matches(&transformed) {
-                return None;
-            }
-            Some(transformed)
+    let transformed = match &region.national_prefix_transform_rule {
+        Some(rule) if !rule.is_empty() => {
+            let caps = prefix.get().captures(number)?;
+            let last_group_matched = caps.get(caps.len() - 1).is_some();
+            last_group_matched.then(|| {
+                let mut transformed = String::with_capacity(number.len() + 2);
+                caps.expand(rule, &mut transformed);
+                transformed.push_str(&number[whole..]);
+                transformed
+            })
         }
-        _ => {
-            if viable_original && !region.general_matches(&number[whole..]) {
-                return None;
-            }
-            Some(number[whole..].to_owned())
-        }
+        _ => None,
+    };
+    let stripped = transformed.unwrap_or_else(|| number[whole..].to_owned());
+    if viable_original && !region.general_matches(&stripped) {
+        return None;
     }
+    Some(stripped)
 }
 
 /// `true` when `text` could be a Weni `whatsapp:`/`tel:` path: 8–15 digits (API.md §1.3.1).
