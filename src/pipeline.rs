@@ -28,8 +28,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
@@ -61,6 +61,9 @@ pub const CHUNK_ROWS: usize = 1024;
 const CHANNEL_CHUNKS: usize = 4;
 /// Chunks between the reader and the merger at most (bounds the merger's reorder buffer).
 const IN_FLIGHT_CHUNKS: usize = 8;
+/// More chunks the reader may run ahead while the state loads (≈ 48k rows,
+/// ≈ 7 MB): enough for the ≈ 50 ms a re-run spends loading three snapshots.
+const LOAD_AHEAD_CHUNKS: usize = 48;
 
 /// How many rows ahead the merger prefetches the state's entries: enough to
 /// cover a memory access while the rows in between are decided.
@@ -185,10 +188,71 @@ impl ReportMsg {
 type LaneOf = (Arc<Lane>, Arc<dyn Sink>);
 
 /// What the state says about rows, and which flags override it.
-pub struct Incremental {
-    /// Per sink (config order): what was delivered before.
-    indexes: Vec<SinkIndex>,
+struct Incremental {
+    /// The indexes' load, started beside the reader: a re-run's ≈ 50 ms of
+    /// copying and checking three snapshots then overlap the first chunks'
+    /// parsing instead of delaying them. Only the merger waits for it.
+    loaded: Receiver<Result<Vec<SinkIndex>, StateError>>,
+    /// Per sink (config order): what was delivered before, once loaded.
+    indexes: OnceLock<Vec<SinkIndex>>,
+    /// Whether the state has any of this run's scopes (else the load is instant).
+    loads_anything: bool,
     rerun: Rerun,
+}
+
+impl Incremental {
+    /// Starts loading the indexes on a thread of their own.
+    fn start(
+        located: crate::state::Located,
+        sinks: usize,
+        rerun: Rerun,
+    ) -> Result<Incremental, RunError> {
+        let loads_anything = (0..sinks).any(|s| located.knows(s));
+        let (tx, loaded) = bounded(1);
+        std::thread::Builder::new()
+            .name("crm-import-load".into())
+            .spawn(move || {
+                let _ = tx.send(located.load());
+            })
+            .map_err(|e| RunError::Runtime(format!("cannot start loading the state: {e}")))?;
+        Ok(Incremental {
+            loaded,
+            indexes: OnceLock::new(),
+            loads_anything,
+            rerun,
+        })
+    }
+
+    /// Waits for the indexes, keeping the chunks that arrive meanwhile in `pending`.
+    fn wait_collecting(
+        &self,
+        rx: &Receiver<Result<Checked, SourceError>>,
+        pending: &mut BTreeMap<u64, Checked>,
+    ) -> Result<&[SinkIndex], RunError> {
+        let mut input_open = true;
+        let loaded = loop {
+            if !input_open {
+                break self.loaded.recv();
+            }
+            crossbeam_channel::select! {
+                recv(self.loaded) -> loaded => break loaded,
+                recv(rx) -> message => match message {
+                    Ok(message) => {
+                        let checked = message?;
+                        pending.insert(checked.chunk.seq, checked);
+                    }
+                    Err(_) => input_open = false,
+                },
+            }
+        };
+        let loaded = loaded.unwrap_or_else(|_| {
+            Err(StateError {
+                path: PathBuf::new(),
+                message: "loading the state stopped unexpectedly".into(),
+            })
+        })?;
+        Ok(self.indexes.get_or_init(|| loaded))
+    }
 }
 
 /// Runs the pipeline.
@@ -222,10 +286,16 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
     let report = Report::create(&report_path)?;
     // Scopes are taken from the config as written, before --sandbox repoints the sinks.
     let scopes: Vec<Scope> = config.sinks.iter().map(|s| s.state_scope()).collect();
-    let incremental = Incremental {
-        indexes: crate::state::load(&state_path, &scopes, options.dry_run)?,
-        rerun: options.rerun,
-    };
+    let located = crate::state::locate(&state_path, &scopes, options.dry_run)?;
+    // The workers hash payloads only for the sinks whose state decisions
+    // compare them; the merger hashes the rows the others send (see `route`).
+    let hashing: Vec<bool> = config
+        .sinks
+        .iter()
+        .enumerate()
+        .map(|(s, sink)| sink.hash_decides() && (!options.dry_run || located.knows(s)))
+        .collect();
+    let incremental = Incremental::start(located, config.sinks.len(), options.rerun)?;
     let state = (!options.dry_run)
         .then(|| StateWriter::start(&state_path, scopes))
         .transpose()?;
@@ -240,16 +310,6 @@ pub fn run(mut config: Config, options: &RunOptions) -> Result<RunOutcome, RunEr
             }
         });
     }
-    // The workers hash payloads only for the sinks whose state decisions
-    // compare them; the merger hashes the rows the others send (see `route`).
-    let hashing: Vec<bool> = incremental
-        .indexes
-        .iter()
-        .zip(&config.sinks)
-        .map(|(index, sink)| {
-            sink.hash_decides() && (!options.dry_run || index.delivered_count() > 0)
-        })
-        .collect();
     let stages = Stages {
         input: config.input.clone(),
         sinks: config.sinks.into_iter().map(Arc::from).collect(),
@@ -440,7 +500,11 @@ impl Run<'_> {
         let (raw_tx, raw_rx) = bounded::<Result<Chunk, SourceError>>(CHANNEL_CHUNKS);
         let (checked_tx, checked_rx) = bounded::<Result<Checked, SourceError>>(CHANNEL_CHUNKS * 2);
         // One token per chunk between the reader and the merger.
-        let (permits_tx, permits_rx) = bounded::<()>(IN_FLIGHT_CHUNKS);
+        let ahead = match self.incremental.loads_anything {
+            true => LOAD_AHEAD_CHUNKS,
+            false => 0,
+        };
+        let (permits_tx, permits_rx) = bounded::<()>(IN_FLIGHT_CHUNKS + ahead);
         let reader = scope.spawn(move || {
             let reader = ChunkReader {
                 stages: self.stages,
@@ -457,7 +521,7 @@ impl Run<'_> {
         }
         drop((raw_rx, checked_tx));
         let mut merger = Merger::new(self, lanes);
-        let merged = merger.merge(checked_rx, &merged_tx, &permits_rx);
+        let merged = merger.merge(checked_rx, &merged_tx, (&permits_rx, ahead));
         if merged.is_err() {
             self.shutdown.stop(StopReason::Failure(
                 "the input could not be read to the end".into(),
@@ -844,6 +908,8 @@ pub fn normalize_chunk(
 struct Merger<'a> {
     run: &'a Run<'a>,
     lanes: &'a [(Arc<Lane>, Arc<dyn Sink>)],
+    /// Per sink: what the state says was delivered (empty until `merge` starts).
+    indexes: &'a [SinkIndex],
     dedup: Dedup,
     /// Rows handed to each sink so far (for `--limit` and the sinks' caps).
     sent: Vec<u64>,
@@ -857,26 +923,34 @@ impl<'a> Merger<'a> {
         Merger {
             run,
             lanes,
+            indexes: &[],
             dedup: Dedup::new(),
             sent: vec![0; n],
             groups: vec![GroupCounts::new(); n],
         }
     }
 
+    /// `permits`: the reader's tokens, and how many more than
+    /// `IN_FLIGHT_CHUNKS` it was allowed while the state loaded: that many
+    /// merged chunks keep their token, so the bound shrinks back.
     fn merge(
         &mut self,
         rx: Receiver<Result<Checked, SourceError>>,
         tx: &Sender<Checked>,
-        permits: &Receiver<()>,
+        (permits, mut withheld): (&Receiver<()>, usize),
     ) -> Result<(Vec<SinkPlan>, u64), RunError> {
         let mut pending: BTreeMap<u64, Checked> = BTreeMap::new();
+        self.indexes = self.run.incremental.wait_collecting(&rx, &mut pending)?;
         let mut next = 0u64;
-        for message in rx {
-            let checked = message?;
-            pending.insert(checked.chunk.seq, checked);
+        let mut input = rx.iter();
+        loop {
             while let Some(mut checked) = pending.remove(&next) {
                 next += 1;
-                let _ = permits.try_recv();
+                if withheld > 0 {
+                    withheld -= 1;
+                } else {
+                    let _ = permits.try_recv();
+                }
                 self.merge_chunk(&mut checked)?;
                 if tx.send(checked).is_err() {
                     return Err(RunError::Report(ReportError {
@@ -885,6 +959,9 @@ impl<'a> Merger<'a> {
                     }));
                 }
             }
+            let Some(message) = input.next() else { break };
+            let checked = message?;
+            pending.insert(checked.chunk.seq, checked);
         }
         let plans = self
             .run
@@ -906,7 +983,7 @@ impl<'a> Merger<'a> {
     fn merge_chunk(&mut self, checked: &mut Checked) -> Result<(), SpoolError> {
         let sinks = self.run.stages.sinks.len();
         let chunk = &mut checked.chunk;
-        let indexes = &self.run.incremental.indexes;
+        let indexes = self.indexes;
         self.dedup
             .warm(chunk.rows.iter().filter_map(|r| match r.outcome {
                 Outcome::Unique { phone, .. } => Some(phone),
@@ -957,8 +1034,8 @@ impl<'a> Merger<'a> {
             return Ok(());
         };
         let sink = &self.run.stages.sinks[s];
-        let known = &self.run.incremental;
-        if let Some(decided) = sink.decide(&known.indexes[s], known.rerun, phone, hash) {
+        let rerun = self.run.incremental.rerun;
+        if let Some(decided) = sink.decide(&self.indexes[s], rerun, phone, hash) {
             *check = decided;
             return Ok(());
         }

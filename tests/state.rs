@@ -167,6 +167,31 @@ fn full_and_resend_flags_and_dry_run_reading_the_state() {
     assert_eq!(again.log.cloudhumans().messages.len(), messages + 20);
 }
 
+/// The state loads while the first chunks are parsed: the merger keeps up
+/// to `LOAD_AHEAD_CHUNKS` more chunks than usual until the load ends, then
+/// the bound shrinks back. An input far past that window (69 chunks of 1,024
+/// rows) must still be accounted for row by row, in input order, with what
+/// the state says about each.
+#[test]
+fn a_run_past_the_chunks_read_ahead_while_the_state_loads_accounts_for_every_row() {
+    let rig = Rig::new(sandbox_options());
+    let rows = phones(70_000);
+    rig.input(&rows[..20]);
+    assert_eq!(rig.run(&config("", "", ""), [TOKEN; 3]).code, 0);
+    let n = rig.input(&rows);
+    let dry = rig.run_args(&config("", "", ""), [TOKEN; 3], &["--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_invariant(&dry.report, &SINKS, &[("in.csv", n)]);
+    let mut previous = 0;
+    for r in &dry.report {
+        let row: u64 = r["row"].parse().unwrap();
+        assert!(row >= previous, "row {row} after row {previous}");
+        previous = row;
+        let expected = if row <= 20 { "unchanged" } else { "dry_run" };
+        assert_eq!(r["status"], expected, "{r:?}");
+    }
+}
+
 #[test]
 fn rows_that_failed_or_were_skipped_are_sent_by_the_next_run() {
     let rig = Rig::new(sandbox_options());

@@ -286,43 +286,75 @@ fn find_scope(conn: &Connection, scope: &Scope, legacy_column: bool) -> Option<i
     lookup(&scope.scope, 0).or_else(|| lookup(&scope.legacy, 1))
 }
 
-/// Loads the index of each scope. A missing file (dry run) gives empty indexes.
-///
-/// One thread and read-only connection per scope: from snapshots, the load is
-/// copying and checking slots, which two cores do side by side before the
-/// first row can be decided. (Stepping rows in parallel was measured, issue
-/// 11, to take the same wall time at twice the CPU; then only the rows of a
-/// scope without a snapshot are stepped.) With the run lock held no other
-/// run writes meanwhile.
+/// Loads the index of each scope ([`locate`], then [`Located::load`]).
 pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Vec<SinkIndex>, StateError> {
+    locate(path, scopes, read_only)?.load()
+}
+
+/// Where each scope's rows are, found before the (slower) load: opening the
+/// state (and, for a real run, bringing its schema up to date) happens here,
+/// on the caller's thread, before any writer connection exists.
+pub fn locate(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Located, StateError> {
+    let mut located = Located {
+        path: path.to_owned(),
+        scopes: scopes.to_vec(),
+        ids: vec![None; scopes.len()],
+    };
     if read_only && !path.exists() {
-        return Ok(scopes.iter().map(|_| SinkIndex::default()).collect());
+        return Ok(located);
     }
     let conn = open(path, read_only)?;
     let legacy_column = schema_version(&conn).as_deref() != Some("1");
-    let ids: Vec<Option<i64>> = scopes
-        .iter()
-        .map(|scope| find_scope(&conn, scope, legacy_column))
-        .collect();
-    drop(conn);
-    std::thread::scope(|threads| {
-        let loading: Vec<_> = scopes
-            .iter()
-            .zip(ids)
-            .map(|(scope, id)| threads.spawn(move || load_one(path, scope, id)))
-            .collect();
-        loading
-            .into_iter()
-            .map(|thread| {
-                thread.join().unwrap_or_else(|_| {
-                    Err(StateError {
-                        path: path.to_owned(),
-                        message: "loading the state stopped unexpectedly".into(),
+    for (id, scope) in located.ids.iter_mut().zip(scopes) {
+        *id = find_scope(&conn, scope, legacy_column);
+    }
+    Ok(located)
+}
+
+/// The scopes of a run as the state knows them (see [`locate`]).
+pub struct Located {
+    path: PathBuf,
+    scopes: Vec<Scope>,
+    /// Per scope: its id in the state, `None` if nothing was ever recorded for it.
+    ids: Vec<Option<i64>>,
+}
+
+impl Located {
+    /// Whether the state has a record of scope `s` (its index may then be non-empty).
+    pub fn knows(&self, s: usize) -> bool {
+        self.ids.get(s).is_some_and(Option::is_some)
+    }
+
+    /// Loads the index of each scope. A missing file (dry run) gives empty indexes.
+    ///
+    /// One thread and read-only connection per scope: from snapshots, the load is
+    /// copying and checking slots, which two cores do side by side. (Stepping
+    /// rows in parallel was measured, issue 11, to take the same wall time at
+    /// twice the CPU; then only the rows of a scope without a snapshot are
+    /// stepped.) With the run lock held no other run writes meanwhile; the
+    /// pipeline runs this beside its first chunks (see `pipeline::run`).
+    pub fn load(&self) -> Result<Vec<SinkIndex>, StateError> {
+        let path = self.path.as_path();
+        std::thread::scope(|threads| {
+            let loading: Vec<_> = self
+                .scopes
+                .iter()
+                .zip(&self.ids)
+                .map(|(scope, &id)| threads.spawn(move || load_one(path, scope, id)))
+                .collect();
+            loading
+                .into_iter()
+                .map(|thread| {
+                    thread.join().unwrap_or_else(|_| {
+                        Err(StateError {
+                            path: path.to_owned(),
+                            message: "loading the state stopped unexpectedly".into(),
+                        })
                     })
                 })
-            })
-            .collect()
-    })
+                .collect()
+        })
+    }
 }
 
 /// The index of `scope` (stored under `id`, if at all), on its own connection.
