@@ -50,7 +50,7 @@ pub(super) fn read(conn: &Connection, scope_id: i64) -> Option<PhoneTable> {
     if !body.is_multiple_of(16) {
         return None;
     }
-    let mut slots = vec![(0u64, 0u64); body / 16].into_boxed_slice();
+    let mut slots = super::index::empty_slots(body / 16);
     let mut buf = vec![0u8; PIECE_BYTES];
     for (i, part) in slots.chunks_mut(PIECE_BYTES / 16).enumerate() {
         let bytes = &mut buf[..part.len() * 16];
