@@ -196,6 +196,39 @@ impl PhoneTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table's slots are advised huge pages (`hg` in the mapping's
+    /// `VmFlags`); a kernel built without transparent huge pages has no flag to show.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn large_tables_ask_for_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+            return;
+        }
+        let slots = empty_slots(1 << 20);
+        let inside = slots.as_ptr() as usize + (8 << 20);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut in_mapping = false;
+        let mut flags = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((start, end)) = range.split_once('-')
+                && let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                )
+            {
+                in_mapping = (start..end).contains(&inside);
+            } else if in_mapping && let Some(rest) = line.strip_prefix("VmFlags:") {
+                flags = Some(rest.to_owned());
+            }
+        }
+        let flags = flags.expect("the table's mapping is in /proc/self/smaps");
+        assert!(
+            flags.split_whitespace().any(|f| f == "hg"),
+            "VmFlags:{flags}"
+        );
+    }
     use proptest::prelude::*;
 
     proptest! {
