@@ -36,8 +36,6 @@ use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::sync::OnceLock;
 
-use hashbrown::HashMap;
-
 use regex::Regex;
 use regex_automata::Anchored;
 use regex_automata::dfa::{Automaton, StartKind, dense};
@@ -467,48 +465,69 @@ fn java_replacement_to_rust(rule: &str) -> String {
 /// Static tables derived from the metadata once per process: which regions
 /// exist, and which regions share each country calling code.
 struct Directory {
-    /// Region id ("BR") → its metadata, for every geographic region.
-    regions: HashMap<&'static str, &'static RegionMeta>,
     /// Country calling code → metadata, main country first (libphonenumber's order:
     /// the main country, then the others alphabetically). Non-geographic codes (800, 882…)
-    /// map to their single "001" entry.
-    by_code: HashMap<u16, Vec<&'static RegionMeta>>,
+    /// map to their single "001" entry. Indexed by the code (< 1000): rows look
+    /// codes up several times each, and an index is cheaper than hashing.
+    by_code: Vec<Vec<&'static RegionMeta>>,
+    /// Upper-case region id ("BR") → its metadata, indexed by the letters' positions.
+    by_letters: Vec<Option<&'static RegionMeta>>,
+}
+
+impl Directory {
+    /// The metadata sharing `code`, main country first; empty for an unknown code.
+    fn metas(&self, code: u16) -> &[&'static RegionMeta] {
+        self.by_code.get(code as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// The main metadata of `code`.
+    fn main(&self, code: u16) -> Option<&'static RegionMeta> {
+        self.metas(code).first().copied()
+    }
+}
+
+/// The index of an upper-case two-letter region id in `Directory::by_letters`.
+fn letters_index(id: [u8; 2]) -> Option<usize> {
+    let [a, b] = id;
+    (a.is_ascii_uppercase() && b.is_ascii_uppercase())
+        .then(|| (a - b'A') as usize * 26 + (b - b'A') as usize)
 }
 
 fn directory() -> &'static Directory {
     static DIRECTORY: OnceLock<Directory> = OnceLock::new();
     DIRECTORY.get_or_init(|| {
-        let mut regions = HashMap::new();
-        let mut by_code: HashMap<u16, Vec<&'static RegionMeta>> = HashMap::new();
+        let mut by_code: Vec<Vec<&'static RegionMeta>> = vec![Vec::new(); 1000];
+        let mut by_letters = vec![None; 26 * 26];
         // REGIONS is already in libphonenumber's order within each code.
         for meta in REGIONS {
-            if meta.id != "001" {
-                regions.insert(meta.id, meta);
+            if meta.id != "001"
+                && let &[a, b] = meta.id.as_bytes()
+                && let Some(i) = letters_index([a, b])
+            {
+                by_letters[i] = Some(meta);
             }
-            by_code.entry(meta.country_code).or_default().push(meta);
+            by_code[meta.country_code as usize].push(meta);
         }
-        Directory { regions, by_code }
+        Directory {
+            by_code,
+            by_letters,
+        }
     })
 }
 
 /// Whether `region` (any case, trimmed) is a known ISO 3166 alpha-2 region of the metadata.
 pub fn canonical_region(region: &str) -> Option<String> {
-    known_region(region).map(str::to_owned)
+    known_region(region).map(|meta| meta.id.to_owned())
 }
 
-/// [`canonical_region`] without allocating: the directory's own `'static` key.
-/// Runs for every row that has a `country_column`.
-fn known_region(region: &str) -> Option<&'static str> {
-    let region = crate::record::trim(region).as_bytes();
-    if region.len() != 2 || !region.iter().all(|b| b.is_ascii_alphabetic()) {
+/// The region a `country_column` value names (any case, trimmed), without
+/// allocating or hashing: it runs for every row that has a `country_column`.
+fn known_region(region: &str) -> Option<&'static RegionMeta> {
+    let &[a, b] = crate::record::trim(region).as_bytes() else {
         return None;
-    }
-    let upper = [
-        region[0].to_ascii_uppercase(),
-        region[1].to_ascii_uppercase(),
-    ];
-    let upper = std::str::from_utf8(&upper).ok()?;
-    directory().regions.get_key_value(upper).map(|(k, _)| *k)
+    };
+    let i = letters_index([a.to_ascii_uppercase(), b.to_ascii_uppercase()])?;
+    directory().by_letters[i]
 }
 
 /// Where the country code came from (libphonenumber's `CountryCodeSource`).
@@ -531,11 +550,11 @@ enum ParseError {
 /// Normalizes raw phone text to E.164. One per worker thread: it owns the
 /// compiled patterns of the regions it has met, so no lock is ever taken.
 pub struct PhoneNormalizer {
-    /// Compiled regions, keyed by the address of their `'static` metadata
-    /// (looked up several times per row, so the key must not allocate).
-    compiled: HashMap<usize, Box<CompiledRegion>>,
+    /// Compiled regions, by the index of their metadata in `REGIONS`
+    /// (looked up several times per row: an index, not a hash).
+    compiled: Vec<Option<Box<CompiledRegion>>>,
     /// The region of rows whose `country_column` is empty or not a region.
-    default_region: Option<&'static str>,
+    default_region: Option<&'static RegionMeta>,
     /// Reused buffer for the digits of the number being parsed.
     scratch: String,
 }
@@ -544,16 +563,17 @@ impl PhoneNormalizer {
     /// `default_region` must already be canonical (see [`canonical_region`]) or `None`.
     pub fn new(default_region: Option<String>) -> PhoneNormalizer {
         PhoneNormalizer {
-            compiled: HashMap::new(),
+            compiled: (0..REGIONS.len()).map(|_| None).collect(),
             default_region: default_region.as_deref().and_then(known_region),
             scratch: String::with_capacity(32),
         }
     }
 
     fn compiled(&mut self, meta: &'static RegionMeta) -> &CompiledRegion {
-        self.compiled
-            .entry(meta as *const RegionMeta as usize)
-            .or_insert_with(|| Box::new(CompiledRegion::new(meta)))
+        // Every metadata reference points into REGIONS.
+        let index = (meta as *const RegionMeta as usize - REGIONS.as_ptr() as usize)
+            / std::mem::size_of::<RegionMeta>();
+        self.compiled[index].get_or_insert_with(|| Box::new(CompiledRegion::new(meta)))
     }
 
     /// Normalizes one phone cell. `row_region` is the row's `country_column`
@@ -581,10 +601,10 @@ impl PhoneNormalizer {
                     }
                     ParseError::InvalidCountryCode => InvalidReason::InvalidCountryCode,
                     ParseError::TooShortAfterIdd | ParseError::TooShortNsn => {
-                        InvalidReason::TooShort(region.unwrap_or("any region").to_owned())
+                        InvalidReason::TooShort(region.map_or("any region", |m| m.id).to_owned())
                     }
                     ParseError::TooLong => {
-                        InvalidReason::TooLong(region.unwrap_or("any region").to_owned())
+                        InvalidReason::TooLong(region.map_or("any region", |m| m.id).to_owned())
                     }
                 });
             }
@@ -623,11 +643,7 @@ impl PhoneNormalizer {
 
     /// Why a parsed number is not valid: length first, then pattern.
     fn explain_invalid(&mut self, code: u16, nsn: &str) -> InvalidReason {
-        let Some(meta) = directory()
-            .by_code
-            .get(&code)
-            .and_then(|m| m.first().copied())
-        else {
+        let Some(meta) = directory().main(code) else {
             return InvalidReason::InvalidCountryCode;
         };
         let region = self.compiled(meta);
@@ -647,7 +663,7 @@ impl PhoneNormalizer {
     /// those sharing its code (`getRegionCodeForNumber`), then match its types.
     /// `None` when the number is not valid there, else whether it is a mobile.
     fn mobile_if_valid(&mut self, code: u16, nsn: &str) -> Option<bool> {
-        let metas = directory().by_code.get(&code)?;
+        let metas = directory().metas(code);
         if metas.len() == 1 {
             return self.compiled(metas[0]).classify(nsn);
         }
@@ -672,7 +688,7 @@ impl PhoneNormalizer {
     fn parse(
         &mut self,
         raw: &str,
-        default_region: Option<&str>,
+        default_meta: Option<&'static RegionMeta>,
     ) -> Result<(u16, String), ParseError> {
         if raw.len() > MAX_INPUT_STRING_LENGTH {
             return Err(ParseError::TooLong);
@@ -681,7 +697,6 @@ impl PhoneNormalizer {
         if !is_viable_phone_number(&number) {
             return Err(ParseError::NotANumber);
         }
-        let default_meta = default_region.and_then(|r| directory().regions.get(r).copied());
         // checkRegionForParsing: without a known region the number must start with '+'.
         if default_meta.is_none() && !starts_with_plus(&number) {
             return Err(ParseError::InvalidCountryCode);
@@ -701,11 +716,8 @@ impl PhoneNormalizer {
         };
         let mut region_meta = default_meta;
         if code != 0 {
-            let main = directory()
-                .by_code
-                .get(&code)
-                .and_then(|m| m.first().copied());
-            if main.map(|m| m.id()) != default_region {
+            let main = directory().main(code);
+            if main.map(|m| m.id()) != default_meta.map(|m| m.id()) {
                 region_meta = main;
             }
         } else {
@@ -1044,7 +1056,7 @@ fn extract_country_code(full: &str) -> Option<(u16, &str)> {
     }
     for len in 1..=3.min(full.len()) {
         let code: u16 = full[..len].parse().ok()?;
-        if directory().by_code.contains_key(&code) {
+        if !directory().metas(code).is_empty() {
             return Some((code, &full[len..]));
         }
     }
@@ -1138,7 +1150,8 @@ mod tests {
     /// Patterns compiled so far, over every region this normalizer has met.
     fn compiled_patterns(n: &PhoneNormalizer) -> usize {
         n.compiled
-            .values()
+            .iter()
+            .flatten()
             .map(|r| {
                 [
                     &r.international_prefix,
@@ -1178,7 +1191,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let metas = directory().by_code.values().flatten();
+        let metas = directory().by_code.iter().flatten();
         let (mut pairs, mut matched) = (0, 0);
         for meta in metas {
             let region = CompiledRegion::new(meta);
@@ -1326,9 +1339,10 @@ mod tests {
     #[test]
     fn every_region_compiles() {
         let dir = directory();
-        assert!(dir.regions.len() > 240, "{} regions", dir.regions.len());
-        assert!(dir.by_code.contains_key(&800) && dir.by_code.contains_key(&882));
-        for metas in dir.by_code.values() {
+        let regions = dir.by_letters.iter().flatten().count();
+        assert!(regions > 240, "{regions} regions");
+        assert!(!dir.metas(800).is_empty() && !dir.metas(882).is_empty());
+        for metas in &dir.by_code {
             for meta in metas {
                 let region = CompiledRegion::new(meta);
                 assert!(
