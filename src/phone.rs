@@ -694,14 +694,23 @@ impl PhoneNormalizer {
             return Err(ParseError::TooLong);
         }
         let number = build_national_number_for_parsing(raw);
-        if !is_viable_phone_number(&number) {
+        // One scan decides both shortcuts below (see `is_plain`).
+        let plain = is_plain(&number);
+        let viable = match plain {
+            true => plain_is_viable(&number),
+            false => is_viable_by_pattern(&number),
+        };
+        if !viable {
             return Err(ParseError::NotANumber);
         }
         // checkRegionForParsing: without a known region the number must start with '+'.
         if default_meta.is_none() && !starts_with_plus(&number) {
             return Err(ParseError::InvalidCountryCode);
         }
-        let number = maybe_strip_extension(&number);
+        let number = match plain {
+            true => &*number,
+            false => strip_extension_by_pattern(&number),
+        };
         let (mut code, mut national) = match self.maybe_extract_country_code(number, default_meta) {
             Ok(v) => v,
             Err(ParseError::InvalidCountryCode) if starts_with_plus(number) => {
@@ -859,13 +868,15 @@ fn build_national_number_for_parsing(raw: &str) -> Cow<'_, str> {
 /// libphonenumber's `extractPossibleNumber`: from the first `+` or digit, minus
 /// trailing junk and any second number (`/ x`).
 fn extract_possible_number(raw: &str) -> &str {
-    let Some(start) = raw.find(|c: char| c == '+' || c == '\u{FF0B}' || decimal_digit(c).is_some())
-    else {
-        return "";
+    let mut number = if raw.is_ascii() {
+        // The usual cell: bytes, not characters (a proptest holds both to the same answer).
+        let Some(start) = raw.bytes().position(|b| b == b'+' || b.is_ascii_digit()) else {
+            return "";
+        };
+        raw[start..].trim_end_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '#'))
+    } else {
+        possible_number_by_chars(raw)
     };
-    let mut number = &raw[start..];
-    // UNWANTED_END_CHAR_PATTERN: trailing chars that are neither letters, numbers nor '#'.
-    number = number.trim_end_matches(|c: char| !(c.is_alphanumeric() || c == '#'));
     static SECOND_NUMBER_START: OnceLock<Regex> = OnceLock::new();
     // The pattern starts with `/` or `\`: without either there is nothing to find.
     if number.bytes().any(|b| b == b'/' || b == b'\\') {
@@ -875,6 +886,16 @@ fn extract_possible_number(raw: &str) -> &str {
         }
     }
     number
+}
+
+/// [`extract_possible_number`]'s span for any text, character by character.
+fn possible_number_by_chars(raw: &str) -> &str {
+    let Some(start) = raw.find(|c: char| c == '+' || c == '\u{FF0B}' || decimal_digit(c).is_some())
+    else {
+        return "";
+    };
+    // UNWANTED_END_CHAR_PATTERN: trailing chars that are neither letters, numbers nor '#'.
+    raw[start..].trim_end_matches(|c: char| !(c.is_alphanumeric() || c == '#'))
 }
 
 /// libphonenumber's extension patterns for parsing (`createExtnPattern(true)`).
@@ -919,11 +940,17 @@ fn is_plain(text: &str) -> bool {
 /// digits, or leading `+`s then punctuation and at least three digits (every
 /// other plain character is punctuation to libphonenumber).
 fn plain_is_viable(number: &str) -> bool {
-    let digits = number.bytes().filter(u8::is_ascii_digit).count();
+    // One pass: digits counted, and whether a `+` follows anything but `+`s.
+    let (mut digits, mut inner_plus, mut leading) = (0, false, true);
+    for b in number.bytes() {
+        leading &= b == b'+';
+        inner_plus |= b == b'+' && !leading;
+        digits += b.is_ascii_digit() as usize;
+    }
     if number.len() == 2 && digits == 2 {
         return true;
     }
-    digits >= 3 && !number.trim_start_matches('+').contains('+')
+    digits >= 3 && !inner_plus
 }
 
 /// libphonenumber's `isViablePhoneNumber` (VALID_PHONE_NUMBER_PATTERN, full match).
@@ -1116,6 +1143,20 @@ mod tests {
         #[test]
         fn plain_text_has_no_extension_for_the_pattern(text in "[0-9+()./ -]{0,24}") {
             prop_assert_eq!(strip_extension_by_pattern(&text), text.as_str());
+        }
+
+        /// On ASCII text, the byte scan finds the span the character scan finds.
+        #[test]
+        fn ascii_possible_number_agrees_with_the_character_scan(
+            text in "[ -~]{0,6}[0-9+#a-z ()./-]{0,16}[ -~]{0,6}"
+        ) {
+            let by_bytes = extract_possible_number(&text);
+            let by_chars = possible_number_by_chars(&text);
+            // `extract_possible_number` may then cut a second number (`/ x`) off.
+            prop_assert!(by_chars.starts_with(by_bytes), "{:?}: {:?} vs {:?}", text, by_bytes, by_chars);
+            if !by_chars.contains(['/', '\\']) {
+                prop_assert_eq!(by_bytes, by_chars, "{:?}", text);
+            }
         }
 
         /// Text just outside the plain alphabet takes the pattern's path.
