@@ -196,31 +196,39 @@ fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) ->
             return None;
         }
         hash.add(b"name");
-        match &config.name {
-            Some(t) if t.render_into(|i| row.cell(i), buf) => {
+        match config
+            .name
+            .as_ref()
+            .and_then(|t| t.render_ref(|i| row.cell(i), buf))
+        {
+            Some(name) => {
                 // Byte length first: ≤ 100 bytes is ≤ 100 characters, without counting them.
-                if buf.len() > 100 && buf.chars().count() > 100 {
+                if name.len() > 100 && name.chars().count() > 100 {
                     return Some(Check::Rejected(
                         "Contact name cannot exceed 100 characters.".into(),
                     ));
                 }
-                hash.add(buf.as_bytes());
+                hash.add(name.as_bytes());
             }
-            _ => {
+            None => {
                 hash.add(b"\0");
             }
         }
         hash.add(b"language");
-        match &config.language {
-            Some(t) if t.render_into(|i| row.cell(i), buf) => {
-                if !(buf.len() == 3 && buf.bytes().all(|b| b.is_ascii_lowercase())) {
+        match config
+            .language
+            .as_ref()
+            .and_then(|t| t.render_ref(|i| row.cell(i), buf))
+        {
+            Some(language) => {
+                if !(language.len() == 3 && language.bytes().all(|b| b.is_ascii_lowercase())) {
                     return Some(Check::Rejected(
-                        format!("Not a valid ISO639-3 language code: \"{buf}\".").into(),
+                        format!("Not a valid ISO639-3 language code: \"{language}\".").into(),
                     ));
                 }
-                hash.add(buf.as_bytes());
+                hash.add(language.as_bytes());
             }
-            _ => {
+            None => {
                 hash.add(b"\0");
             }
         }
@@ -232,8 +240,8 @@ fn check(config: &WeniConfig, row: RowView<'_>, phone: E164, with_hash: bool) ->
             hash.add(b"group").add(group.as_bytes());
         }
         for (key, t) in &config.fields {
-            if t.render_into(|i| row.cell(i), buf) {
-                hash.add(key.as_bytes()).add(buf.as_bytes());
+            if let Some(value) = t.render_ref(|i| row.cell(i), buf) {
+                hash.add(key.as_bytes()).add(value.as_bytes());
             }
         }
         None
