@@ -197,6 +197,8 @@ struct Incremental {
     indexes: OnceLock<Vec<SinkIndex>>,
     /// Whether the state has any of this run's scopes (else the load is instant).
     loads_anything: bool,
+    /// The state file (for an error if the load thread dies).
+    path: PathBuf,
     rerun: Rerun,
 }
 
@@ -208,6 +210,7 @@ impl Incremental {
         rerun: Rerun,
     ) -> Result<Incremental, RunError> {
         let loads_anything = (0..sinks).any(|s| located.knows(s));
+        let path = located.path().to_owned();
         let (tx, loaded) = bounded(1);
         std::thread::Builder::new()
             .name("crm-import-load".into())
@@ -219,6 +222,7 @@ impl Incremental {
             loaded,
             indexes: OnceLock::new(),
             loads_anything,
+            path,
             rerun,
         })
     }
@@ -247,7 +251,7 @@ impl Incremental {
         };
         let loaded = loaded.unwrap_or_else(|_| {
             Err(StateError {
-                path: PathBuf::new(),
+                path: self.path.clone(),
                 message: "loading the state stopped unexpectedly".into(),
             })
         })?;

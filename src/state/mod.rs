@@ -320,6 +320,11 @@ pub struct Located {
 }
 
 impl Located {
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Whether the state has a record of scope `s` (its index may then be non-empty).
     pub fn knows(&self, s: usize) -> bool {
         self.ids.get(s).is_some_and(Option::is_some)
