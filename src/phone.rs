@@ -181,9 +181,10 @@ include!(concat!(env!("OUT_DIR"), "/regions.rs"));
 /// all up front was 15% of a 200k-row run's instructions (callgrind), paid by
 /// every worker at start, when the rest of the pipeline waits for it.
 ///
-/// Tests ([`LazyRegex::is_match`]) use the pattern's anchored DFA; only the
-/// few callers that need a match's end or groups (`find`, `captures`) build
-/// the `regex` crate's engine.
+/// Yes/no matches ([`LazyRegex::is_match`]) and match ends
+/// ([`LazyRegex::prefix_end`]) walk the pattern's anchored DFA; only a
+/// national prefix transform rule's groups (`captures`) need the `regex`
+/// crate's engine, which is then built too.
 struct LazyRegex {
     source: String,
     regex: OnceCell<Regex>,
