@@ -25,9 +25,10 @@ pub struct PhoneTable {
 
 /// `n` empty slots, in memory the kernel is asked to back with 2 MiB pages.
 ///
-/// A re-run looks each row up in three tables of 16 MiB; with 4 KiB pages
-/// nearly every lookup also misses the TLB (12k pages per table), and the
-/// page walk costs about as much as the cache miss itself. This machine's
+/// A re-run looks each row up in three tables of 16 MiB: 4,096 small pages
+/// each, far more than the TLB holds, so lookups pay page walks on top of
+/// their cache misses (2 MiB pages: −18% of the merger thread's perf samples
+/// on a 1M-row re-run, BENCHMARKS.md "Fourth pass"). This machine's
 /// kernel gives huge pages only to memory that asks (`transparent_hugepage`
 /// = `madvise`, the common default), so ask: `madvise(MADV_HUGEPAGE)` on the
 /// 2 MiB-aligned part of the fresh, still untouched allocation. Only advice:
