@@ -695,23 +695,13 @@ impl PhoneNormalizer {
             return Err(ParseError::TooLong);
         }
         let number = build_national_number_for_parsing(raw);
-        // One scan decides both shortcuts below (see `is_plain`).
-        let plain = is_plain(&number);
-        let viable = match plain {
-            true => plain_is_viable(&number),
-            false => is_viable_by_pattern(&number),
-        };
-        if !viable {
+        let Some(number) = viable_without_extension(&number) else {
             return Err(ParseError::NotANumber);
-        }
+        };
         // checkRegionForParsing: without a known region the number must start with '+'.
-        if default_meta.is_none() && !starts_with_plus(&number) {
+        if default_meta.is_none() && !starts_with_plus(number) {
             return Err(ParseError::InvalidCountryCode);
         }
-        let number = match plain {
-            true => &*number,
-            false => strip_extension_by_pattern(&number),
-        };
         let (mut code, mut national) = match self.maybe_extract_country_code(number, default_meta) {
             Ok(v) => v,
             Err(ParseError::InvalidCountryCode) if starts_with_plus(number) => {
@@ -981,6 +971,17 @@ fn is_viable_by_pattern(number: &str) -> bool {
         .unwrap()
     });
     re.is_match(number)
+}
+
+/// libphonenumber's `isViablePhoneNumber`, then `maybeStripExtension`, with
+/// one [`is_plain`] scan for both: the number without its extension, or
+/// `None` when it is not viable. (Stripping only shortens the end, so the
+/// `+` test that comes between them in libphonenumber sees the same start.)
+fn viable_without_extension(number: &str) -> Option<&str> {
+    if is_plain(number) {
+        return plain_is_viable(number).then_some(number);
+    }
+    is_viable_by_pattern(number).then(|| strip_extension_by_pattern(number))
 }
 
 /// libphonenumber's `maybeStripExtension`: returns the number without its extension.
