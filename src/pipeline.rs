@@ -189,9 +189,9 @@ type LaneOf = (Arc<Lane>, Arc<dyn Sink>);
 
 /// What the state says about rows, and which flags override it.
 struct Incremental {
-    /// The indexes' load, started beside the reader: a re-run's ≈ 50 ms of
-    /// copying and checking three snapshots then overlap the first chunks'
-    /// parsing instead of delaying them. Only the merger waits for it.
+    /// The indexes' load, started beside the reader: a re-run's tens of ms of
+    /// mapping and checksumming three snapshots then overlap the first
+    /// chunks' parsing instead of delaying them. Only the merger waits for it.
     loaded: Receiver<Result<Vec<SinkIndex>, StateError>>,
     /// Per sink (config order): what was delivered before, once loaded.
     indexes: OnceLock<Vec<SinkIndex>>,

@@ -103,6 +103,46 @@ fn a_contact_forgotten_by_hand_is_sent_again_despite_the_snapshot() {
     assert_eq!(second.log.weni().writes.len(), weni_writes + 1);
 }
 
+/// Snapshots are files beside the state (`<state>.snapshots/`), a cache only:
+/// a re-run whose files were damaged or deleted (a state copied without its
+/// directory) reads the rows instead, still sends nothing, and leaves fresh
+/// files behind.
+#[test]
+fn a_rerun_with_damaged_or_missing_snapshot_files_sends_nothing_and_rewrites_them() {
+    let rig = Rig::new(sandbox_options());
+    let n = rig.input(&phones(60));
+    let first = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let dir = rig.path("crm-import-state.db.snapshots");
+    let files = |dir: &std::path::Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        names
+    };
+    let written = files(&dir);
+    assert_eq!(written.len(), 3, "one file per sink: {written:?}");
+    let length = std::fs::metadata(&written[0]).unwrap().len() as usize;
+    std::fs::write(&written[0], vec![0u8; length]).unwrap();
+    std::fs::remove_file(&written[1]).unwrap();
+
+    let before = requests(&first.log);
+    let second = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(requests(&second.log), before, "nothing sent again");
+    assert_invariant(&second.report, &SINKS, &[("in.csv", n)]);
+    assert!(second.report.iter().all(|r| r["status"] == "unchanged"));
+    let rewritten = files(&dir);
+    assert_eq!(rewritten.len(), 3, "{rewritten:?}");
+    assert!(
+        !rewritten.contains(&written[0]),
+        "the damaged file is replaced"
+    );
+    assert!(rewritten.contains(&written[2]), "the intact one is kept");
+}
+
 /// CloudHumans rows are checked without a payload hash (it never decides
 /// them); the rows it sends must still be recorded with their own hash, as
 /// every earlier build recorded them, not with 0.

@@ -2,39 +2,111 @@
 //! then only read, by every row of every sink of a re-run.
 //!
 //! Hand-written (open addressing, linear probing, one array of pairs) instead
-//! of a `HashMap` for two measured reasons (perf on a 1M-row re-run, issue 11):
+//! of a `HashMap` for three measured reasons (perf on a 1M-row re-run, issue 11):
 //! - a lookup in a table far larger than the cache costs one trip to memory
 //!   per cache line it touches. hashbrown touches two (its control bytes and
 //!   its buckets are separate arrays); this table one, as a key and its hash
 //!   sit together and probes run along the same line;
 //! - the merger knows which phones come next, so it can ask for their lines
-//!   ahead ([`PhoneTable::prefetch`]), which no map crate offers.
+//!   ahead ([`PhoneTable::prefetch`]), which no map crate offers;
+//! - the slot array is a plain layout a snapshot file holds as is, so a
+//!   re-run maps it instead of building or copying it ([`MappedSlots`]).
 //!
 //! Memory: 16 bytes per slot at a load between 3/8 and 3/4, like hashbrown.
+
+use std::ops::Deref;
 
 /// How many pairs ahead [`PhoneTable::from_pairs`] prefetches.
 const PREFETCH_AHEAD: usize = 8;
 
+/// One slot: `[phone, hash]`; phone 0 marks an empty slot. An array, not a
+/// tuple, because its layout (two u64, in that order) is guaranteed, which
+/// a mapped snapshot relies on.
+pub type Slot = [u64; 2];
+
 /// Phone digits (never 0: an E.164 number starts with a country code) → hash.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PhoneTable {
-    /// `(phone, hash)`; phone 0 marks an empty slot.
-    slots: Box<[(u64, u64)]>,
+    slots: Slots,
     len: usize,
+}
+
+/// Where a table's slots live.
+#[derive(Debug)]
+enum Slots {
+    Owned(Box<[Slot]>),
+    Mapped(MappedSlots),
+}
+
+impl Deref for Slots {
+    type Target = [Slot];
+    fn deref(&self) -> &[Slot] {
+        match self {
+            Slots::Owned(slots) => slots,
+            Slots::Mapped(mapped) => mapped.slots(),
+        }
+    }
+}
+
+/// Slots read in place from a file mapped into memory (a snapshot,
+/// `snapshot.rs`). A re-run's three tables are 48 MB: copied into fresh
+/// memory, the kernel first zeroed every page of it — on this project's
+/// benchmark VM, 0.15 s of CPU, more than the copy itself (perf,
+/// BENCHMARKS.md "Fifth pass"). Pages of a mapped file come from the page
+/// cache as they are, with nothing to zero or copy.
+pub struct MappedSlots {
+    map: memmap2::Mmap,
+    /// Byte offset of the first slot in `map`.
+    start: usize,
+    count: usize,
+}
+
+impl std::fmt::Debug for MappedSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedSlots({} slots)", self.count)
+    }
+}
+
+impl MappedSlots {
+    /// `count` slots at byte `start` of `map`, if they lie inside it, 8-byte
+    /// aligned, and the machine reads u64 little-endian (the file's order).
+    pub fn new(map: memmap2::Mmap, start: usize, count: usize) -> Option<MappedSlots> {
+        let end = count.checked_mul(size_of::<Slot>())?.checked_add(start)?;
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(align_of::<Slot>());
+        (cfg!(target_endian = "little") && end <= map.len() && aligned).then_some(MappedSlots {
+            map,
+            start,
+            count,
+        })
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        // SAFETY: `new` checked that `count` slots from `start` lie inside the
+        // mapping and are aligned for u64; any bit pattern is a valid u64, and
+        // on a little-endian machine the bytes read as the file's words. The
+        // mapping is read-only and private, and lives as long as `self`. (A
+        // file truncated by another program while mapped would fault; the run
+        // lock keeps crm-import itself from ever doing so, and a snapshot file
+        // is never rewritten in place.)
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.start).cast::<Slot>(), self.count)
+        }
+    }
 }
 
 /// `n` empty slots, in memory the kernel is asked to back with 2 MiB pages.
 ///
-/// A re-run looks each row up in three tables of 16 MiB: 4,096 small pages
-/// each, far more than the TLB holds, so lookups pay page walks on top of
-/// their cache misses (2 MiB pages: −18% of the merger thread's perf samples
-/// on a 1M-row re-run, BENCHMARKS.md "Fourth pass"). This machine's
-/// kernel gives huge pages only to memory that asks (`transparent_hugepage`
-/// = `madvise`, the common default), so ask: `madvise(MADV_HUGEPAGE)` on the
-/// 2 MiB-aligned part of the fresh, still untouched allocation. Only advice:
-/// where it is refused or unknown, the table works the same on small pages.
-pub fn empty_slots(n: usize) -> Box<[(u64, u64)]> {
-    let slots = vec![(0u64, 0u64); n].into_boxed_slice();
+/// A re-run without snapshots looks each row up in three tables of 16 MiB:
+/// 4,096 small pages each, far more than the TLB holds, so lookups pay page
+/// walks on top of their cache misses (2 MiB pages: −18% of the merger
+/// thread's perf samples on a 1M-row re-run, BENCHMARKS.md "Fourth pass").
+/// This machine's kernel gives huge pages only to memory that asks
+/// (`transparent_hugepage` = `madvise`, the common default), so ask:
+/// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned part of the fresh, still
+/// untouched allocation. Only advice: where it is refused or unknown, the
+/// table works the same on small pages.
+pub fn empty_slots(n: usize) -> Box<[Slot]> {
+    let slots = vec![[0u64; 2]; n].into_boxed_slice();
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -57,6 +129,38 @@ pub fn empty_slots(n: usize) -> Box<[(u64, u64)]> {
     slots
 }
 
+/// Names where this build places phones: where a few fixed phones start
+/// their probe, and the slot size. A snapshot records it, and one written by
+/// a build that placed phones elsewhere (another `dedup::hash`) is not read,
+/// whose lookups would miss every phone and send everything again. (Linear
+/// probing itself is pinned by `the_layout_fingerprint_is_pinned`.)
+pub fn layout_fingerprint() -> u64 {
+    [1u64, 5511987654321, 14155550123]
+        .iter()
+        .fold(size_of::<Slot>() as u64, |acc, &phone| {
+            acc.rotate_left(21) ^ crate::dedup::hash(phone)
+        })
+}
+
+/// The slot of `slots` holding `phone`, or the empty slot where it would go.
+/// (Free functions over the slice, not methods: the slice is taken from
+/// [`Slots`] once per lookup, not at every probe step.)
+fn find(slots: &[Slot], phone: u64) -> usize {
+    let mask = slots.len() - 1;
+    let mut slot = home(slots, phone);
+    // The table is never full (load ≤ 3/4), so an empty slot ends every probe.
+    while slots[slot][0] != phone && slots[slot][0] != 0 {
+        slot = (slot + 1) & mask;
+    }
+    slot
+}
+
+/// Where `phone`'s probe starts: the dedup table's hash spreads the digits,
+/// whose low bits alone would cluster.
+fn home(slots: &[Slot], phone: u64) -> usize {
+    crate::dedup::hash(phone) as usize & (slots.len() - 1)
+}
+
 impl Default for PhoneTable {
     fn default() -> Self {
         PhoneTable::with_capacity(0)
@@ -68,7 +172,7 @@ impl PhoneTable {
     pub fn with_capacity(n: usize) -> PhoneTable {
         let slots = (n + n / 3 + 1).next_power_of_two().max(8);
         PhoneTable {
-            slots: empty_slots(slots),
+            slots: Slots::Owned(empty_slots(slots)),
             len: 0,
         }
     }
@@ -86,39 +190,21 @@ impl PhoneTable {
         table
     }
 
-    /// The table whose slots are `slots` (as [`PhoneTable::slots`] gave them),
-    /// if they are one: a power-of-two count at most 3/4 full, and every phone
-    /// where its probe finds it — checked in one pass, so that slots laid out
-    /// by another build (another hash) are never trusted.
-    pub fn from_slots(slots: Box<[(u64, u64)]>) -> Option<PhoneTable> {
-        let n = slots.len();
-        if !n.is_power_of_two() || n < 8 {
-            return None;
-        }
-        let mask = n - 1;
-        let mut table = PhoneTable { slots, len: 0 };
-        // Walk once around from an empty slot: a phone is found iff no empty
-        // slot lies between its home and its place.
-        let empty = table.slots.iter().position(|(phone, _)| *phone == 0)?;
-        let mut run_start = empty + 1;
-        for step in 1..=n {
-            let i = (empty + step) & mask;
-            let phone = table.slots[i].0;
-            if phone == 0 {
-                run_start = i + 1;
-            } else if (i.wrapping_sub(table.home(phone)) & mask)
-                > (i.wrapping_sub(run_start) & mask)
-            {
-                return None;
-            } else {
-                table.len += 1;
-            }
-        }
-        (table.len * 4 <= n * 3).then_some(table)
+    /// The table whose slots are mapped from a file, holding `phones`
+    /// phones. The caller vouches for the slots: `snapshot.rs` checks that
+    /// the file is the one a build with this [`layout_fingerprint`] wrote
+    /// (its checksum), so only the shape is checked here, not every slot —
+    /// a walk that cost 45 ms of CPU per re-run (perf, issue 11).
+    pub fn from_mapped(slots: MappedSlots, phones: usize) -> Option<PhoneTable> {
+        let n = slots.count;
+        (n.is_power_of_two() && n >= 8 && phones * 4 <= n * 3).then_some(PhoneTable {
+            slots: Slots::Mapped(slots),
+            len: phones,
+        })
     }
 
-    /// The slots, `(0, 0)` where empty: what [`PhoneTable::from_slots`] takes back.
-    pub fn slots(&self) -> &[(u64, u64)] {
+    /// The slots, `[0, 0]` where empty: what a snapshot file holds.
+    pub fn slots(&self) -> &[Slot] {
         &self.slots
     }
 
@@ -139,15 +225,29 @@ impl PhoneTable {
             self.grow();
         }
         let slot = self.find(phone);
-        if self.slots[slot].0 == 0 {
+        if self.slots[slot][0] == 0 {
             self.len += 1;
         }
-        self.slots[slot] = (phone, hash);
+        self.owned()[slot] = [phone, hash];
+    }
+
+    /// The slots, to change: a mapped table is copied into memory first.
+    fn owned(&mut self) -> &mut [Slot] {
+        if let Slots::Mapped(mapped) = &self.slots {
+            let mut copy = empty_slots(mapped.count);
+            copy.copy_from_slice(mapped.slots());
+            self.slots = Slots::Owned(copy);
+        }
+        match &mut self.slots {
+            Slots::Owned(slots) => slots,
+            Slots::Mapped(_) => unreachable!("copied just above"),
+        }
     }
 
     /// `phone`'s hash, if it is in the table.
     pub fn get(&self, phone: u64) -> Option<u64> {
-        let (key, hash) = self.slots[self.find(phone)];
+        let slots: &[Slot] = &self.slots;
+        let [key, hash] = slots[find(slots, phone)];
         (key == phone && phone != 0).then_some(hash)
     }
 
@@ -157,9 +257,10 @@ impl PhoneTable {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            let slot = &self.slots[self.home(phone)];
+            let slots: &[Slot] = &self.slots;
+            let slot = &slots[home(slots, phone)];
             // SAFETY: a prefetch is a hint; it never faults, and the address is in bounds.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>((slot as *const (u64, u64)).cast::<i8>()) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>((slot as *const Slot).cast::<i8>()) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = phone;
@@ -167,28 +268,16 @@ impl PhoneTable {
 
     /// The slot holding `phone`, or the empty slot where it would go.
     fn find(&self, phone: u64) -> usize {
-        let mask = self.slots.len() - 1;
-        let mut slot = self.home(phone);
-        // The table is never full (load ≤ 3/4), so an empty slot ends every probe.
-        while self.slots[slot].0 != phone && self.slots[slot].0 != 0 {
-            slot = (slot + 1) & mask;
-        }
-        slot
-    }
-
-    /// Where `phone`'s probe starts: the dedup table's hash spreads the
-    /// digits, whose low bits alone would cluster.
-    fn home(&self, phone: u64) -> usize {
-        crate::dedup::hash(phone) as usize & (self.slots.len() - 1)
+        find(&self.slots, phone)
     }
 
     fn grow(&mut self) {
-        let old = std::mem::take(&mut self.slots);
-        self.slots = empty_slots(old.len() * 2);
+        let doubled = Slots::Owned(empty_slots(self.slots.len() * 2));
+        let old = std::mem::replace(&mut self.slots, doubled);
         self.len = 0;
-        for (phone, hash) in old.iter().copied().filter(|&(p, _)| p != 0) {
+        for [phone, hash] in old.iter().copied().filter(|&[p, _]| p != 0) {
             let slot = self.find(phone);
-            self.slots[slot] = (phone, hash);
+            self.owned()[slot] = [phone, hash];
             self.len += 1;
         }
     }
@@ -262,47 +351,72 @@ mod tests {
         }
     }
 
-    proptest! {
-        /// Slots read back are the same table; slots moved out of their probe
-        /// (as another hash function would place them) are refused.
-        #[test]
-        fn from_slots_takes_back_its_own_slots_only(
-            phones in proptest::collection::hash_set(1u64..u64::MAX, 1..500),
-            shift in 1usize..7,
-        ) {
-            let pairs: Vec<_> = phones.iter().map(|&p| (p, p ^ 7)).collect();
-            let table = PhoneTable::from_pairs(&pairs);
-            let back = PhoneTable::from_slots(table.slots().into()).expect("its own slots");
-            prop_assert_eq!(back.len(), table.len());
-            for &(phone, hash) in &pairs {
-                prop_assert_eq!(back.get(phone), Some(hash));
-            }
-            let mut moved = table.slots().to_vec();
-            moved.rotate_left(shift);
-            if let Some(moved) = PhoneTable::from_slots(moved.into()) {
-                // Accepted only if every phone is still found where it now sits.
-                for &(phone, hash) in &pairs {
-                    prop_assert_eq!(moved.get(phone), Some(hash));
-                }
-            }
-        }
-    }
-
+    /// A table mapped from a file answers as the table it was written from,
+    /// and a change copies it into memory first, leaving the file as it was.
     #[test]
-    fn from_slots_refuses_what_is_not_a_table() {
+    fn a_mapped_table_reads_in_place_and_copies_itself_to_change() {
+        let pairs: Vec<_> = (1..=1000u64).map(|p| (p * 7919, p)).collect();
+        let table = PhoneTable::from_pairs(&pairs);
+        let mut bytes = vec![0u8; 16];
+        for [phone, hash] in table.slots() {
+            bytes.extend_from_slice(&phone.to_le_bytes());
+            bytes.extend_from_slice(&hash.to_le_bytes());
+        }
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &bytes).unwrap();
+        // SAFETY: a private mapping of a file this test alone holds.
+        let map = || unsafe { memmap2::Mmap::map(file.as_file()).unwrap() };
+        let count = table.slots().len();
         assert!(
-            PhoneTable::from_slots(vec![(0, 0); 12].into()).is_none(),
+            MappedSlots::new(map(), 16, count + 1).is_none(),
+            "past the end"
+        );
+        assert!(MappedSlots::new(map(), 12, count).is_none(), "misaligned");
+        let shaped =
+            |phones| PhoneTable::from_mapped(MappedSlots::new(map(), 16, count).unwrap(), phones);
+        assert!(shaped(count).is_none(), "more than 3/4 full");
+        assert!(
+            MappedSlots::new(map(), 16, count - 1)
+                .and_then(|m| PhoneTable::from_mapped(m, 1))
+                .is_none(),
             "not a power of two"
         );
-        assert!(
-            PhoneTable::from_slots(vec![(1, 0); 8].into()).is_none(),
-            "full"
+        let mut mapped = shaped(table.len()).expect("its own slots");
+        assert_eq!(mapped.len(), 1000);
+        assert!(matches!(mapped.slots, Slots::Mapped(_)));
+        assert_eq!(mapped.slots(), table.slots());
+        assert_eq!(mapped.get(7919 * 500), Some(500));
+        mapped.insert(7919 * 500, 42);
+        mapped.insert(3, 4);
+        assert!(matches!(mapped.slots, Slots::Owned(_)));
+        assert_eq!((mapped.get(7919 * 500), mapped.get(3)), (Some(42), Some(4)));
+        assert_eq!(
+            std::fs::read(file.path()).unwrap(),
+            bytes,
+            "the file is unchanged"
         );
-        // 5 sits at a slot its probe never reaches (an empty slot before it).
-        let home = PhoneTable::default().home(5);
-        let mut slots = vec![(0, 0); 8];
-        slots[(home + 2) & 7] = (5, 1);
-        assert!(PhoneTable::from_slots(slots.into()).is_none());
+    }
+
+    /// A snapshot trusts that phones sit where this build would put them. If
+    /// this test fails, phones now sit elsewhere: change the value here AND
+    /// `MAGIC` in snapshot.rs, or a re-run would miss every phone in an older
+    /// snapshot (and send everything again). Also pins linear probing: the
+    /// second of two phones with one home takes the next slot.
+    #[test]
+    fn the_layout_fingerprint_is_pinned() {
+        assert_eq!(layout_fingerprint(), 0xc6b1_f41f_aaa1_f4ec);
+        let slots = [[0u64, 0]; 8];
+        let first = (1u64..).find(|&p| home(&slots, p) == 7).unwrap();
+        let second = (first + 1..).find(|&p| home(&slots, p) == 7).unwrap();
+        let table = PhoneTable::from_pairs(&[(first, 1), (second, 2)]);
+        let at = |p: u64| table.slots().iter().position(|s| s[0] == p);
+        let n = table.slots().len();
+        assert_eq!(n, 8);
+        assert_eq!(
+            (at(first), at(second)),
+            (Some(7), Some(0)),
+            "wraps to the next slot"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! in_flight(scope_id INTEGER, phone INTEGER,
 //!           payload_hash INTEGER, started_at INTEGER,
 //!           PRIMARY KEY (scope_id, phone)) WITHOUT ROWID
-//! snapshots(scope_id INTEGER PRIMARY KEY, slots BLOB)  -- a cache of `delivered` (snapshot.rs)
+//! snapshots(scope_id INTEGER PRIMARY KEY, slots BLOB)  -- names a cache file of `delivered` (snapshot.rs)
 //! ```
 //!
 //! Scopes are an integer id in the big tables, so that a row costs about 30
@@ -333,7 +333,7 @@ impl Located {
     /// Loads the index of each scope. A missing file (dry run) gives empty indexes.
     ///
     /// One thread and read-only connection per scope: from snapshots, the load is
-    /// copying and checking slots, which two cores do side by side. (Stepping
+    /// mapping and checksumming files, which two cores do side by side. (Stepping
     /// rows in parallel was measured, issue 11, to take the same wall time at
     /// twice the CPU; then only the rows of a scope without a snapshot are
     /// stepped.) With the run lock held no other run writes meanwhile; the
@@ -375,7 +375,7 @@ fn load_one(path: &Path, scope: &Scope, id: Option<i64>) -> Result<SinkIndex, St
     let conn = open(path, true)?;
     // One read transaction: the scope's snapshot and markers as of one moment.
     let read = conn.unchecked_transaction().map_err(err)?;
-    let index = load_scope(&read, id).map_err(err)?;
+    let index = load_scope(&read, &snapshot::dir_for(path), id).map_err(err)?;
     tracing::debug!(
         sink = scope.sink,
         contacts = index.delivered_count(),
@@ -387,9 +387,9 @@ fn load_one(path: &Path, scope: &Scope, id: Option<i64>) -> Result<SinkIndex, St
 }
 
 /// The index of one scope: from its snapshot when it has one, else from its rows.
-fn load_scope(conn: &Connection, id: i64) -> rusqlite::Result<SinkIndex> {
+fn load_scope(conn: &Connection, snapshots: &Path, id: i64) -> rusqlite::Result<SinkIndex> {
     let mut index = SinkIndex::default();
-    index.delivered = match snapshot::read(conn, id) {
+    index.delivered = match snapshot::read(conn, snapshots, id) {
         Some(table) => {
             index.from_snapshot = true;
             table
@@ -695,11 +695,12 @@ fn write_loop(
     if failed.is_none() {
         // A cache only: a run whose snapshots cannot be written is still done.
         let _ = conn.pragma_update(None, "synchronous", "NORMAL");
-        if let Err(e) = snapshot::refresh(&mut conn, scopes) {
+        if let Err(e) = snapshot::refresh(&mut conn, &snapshot::dir_for(path), scopes) {
             tracing::warn!("state {}: snapshots not written: {e}", path.display());
         }
     }
-    // Merge the WAL back so the state is one self-contained file between runs.
+    // Merge the WAL back so the state is one self-contained file between runs
+    // (the snapshot files beside it are only a cache of it).
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
     match failed {
         Some(e) => Err(e),

@@ -1,24 +1,40 @@
-//! Snapshots: each scope's index (its [`PhoneTable`] slots) kept as one blob,
-//! so that a re-run loads it with one read instead of stepping SQLite through
+//! Snapshots: each scope's index (its [`PhoneTable`] slots) kept as one file,
+//! so that a re-run maps it into memory instead of stepping SQLite through
 //! every `delivered` row. Stepping 3 × 775k rows took 0.38 s before the first
-//! input row could be decided; the snapshots take about 0.04 s (issue 11).
+//! input row could be decided (issue 11).
 //!
 //! A snapshot is only a cache of the `delivered` rows, which stay the truth.
-//! It exists only while it matches them: triggers delete a scope's snapshot in
-//! the same transaction as any insert, update or delete of that scope's
-//! `delivered` rows, whoever writes them (this build, an older one, or the
-//! sqlite3 shell of the README's "Resetting"). The writer thread stores a
-//! fresh one when a run ends, for each of its scopes that has none. A missing
-//! or malformed snapshot falls back to the rows: a bad snapshot can only cost
-//! time, never hide a delivery (which would send a message twice).
+//! It exists only while it matches them: the state's `snapshots` table names
+//! each scope's file (a descriptor: its nonce, slot count and checksum), and
+//! triggers delete a scope's descriptor in the same transaction as any insert,
+//! update or delete of that scope's `delivered` rows, whoever writes them
+//! (this build, an older one, or the sqlite3 shell of the README's
+//! "Resetting"). The writer thread stores a fresh one when a run ends, for
+//! each of its scopes without a valid one. A missing, malformed or altered
+//! file falls back to the rows: a bad snapshot can only cost time, never hide
+//! a delivery (which would send a message twice).
+//!
+//! Why a file beside the state (`<state>.snapshots/`) and not a blob inside
+//! it, as before: a blob had to be copied into fresh memory, which the kernel
+//! zeroes first — 0.15 s of CPU for a re-run's 48 MB on the benchmark VM, more
+//! than the copy itself (BENCHMARKS.md "Fifth pass"). A file is mapped: its
+//! pages come from the page cache as they are. A file is never rewritten in
+//! place: each snapshot has a new name (its nonce), so a mapped one never
+//! changes under a reader, and the files no descriptor names are removed.
 
-use rusqlite::{Connection, MAIN_DB, params};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::PhoneTable;
+use super::index::{MappedSlots, Slot, layout_fingerprint};
 
-/// The table and the triggers that keep every snapshot equal to its rows.
-/// Additive to schema 2: an older build reads and writes the file as before,
-/// and its writes drop the snapshots they make stale.
+/// The descriptors' table and the triggers that drop a descriptor whenever
+/// its rows change. Additive to schema 2: an older build reads and writes the
+/// file as before, and its writes drop the snapshots they make stale. (The
+/// column is still called `slots`: schema 2's builds stored the slots there.)
 pub(super) const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS snapshots (
         scope_id INTEGER PRIMARY KEY, slots BLOB NOT NULL);
@@ -29,95 +45,242 @@ pub(super) const SCHEMA: &str = "
     CREATE TRIGGER IF NOT EXISTS delivered_delete_drops_snapshot AFTER DELETE ON delivered
         BEGIN DELETE FROM snapshots WHERE scope_id = OLD.scope_id; END;";
 
-/// The blob's first bytes: names the format, so that another layout is never
-/// read as this one. A build that changes the slot layout or `dedup::hash`
-/// changes it too (and `PhoneTable::from_slots` refuses misplaced slots anyway).
-const MAGIC: &[u8; 8] = b"CRMTBL01";
+/// First bytes of a descriptor and of a file: names the format, so that
+/// another layout is never read as this one. A build that changes the slot
+/// layout or the probing changes it too (a change of `dedup::hash` is caught
+/// by [`layout_fingerprint`] anyway). `CRMTBL01` was the slots as a blob.
+const MAGIC: &[u8; 8] = b"CRMTBL02";
 
-/// Bytes read or written at a time: slots are converted piece by piece,
-/// never as a second copy of the whole table in memory.
+/// A file's header: `MAGIC`, then its nonce; the slots follow, 8-byte aligned.
+const HEADER_BYTES: usize = 16;
+
+/// Bytes written at a time.
 const PIECE_BYTES: usize = 64 * 1024;
 
-/// The scope's index from its snapshot, if it has a well-formed one. `None`
-/// also for a file without the table (opened read-only, never by this build).
-///
-/// The blob is the index's own slot array ([`PhoneTable::slots`]), read back
-/// as is and checked in one pass ([`PhoneTable::from_slots`]): rebuilding the
-/// table from pairs instead cost 33 ms per 775k contacts in random writes.
-pub(super) fn read(conn: &Connection, scope_id: i64) -> Option<PhoneTable> {
-    let blob = open_current(conn, scope_id)?;
-    let body = blob.len() - MAGIC.len();
-    if !body.is_multiple_of(16) {
-        return None;
-    }
-    let mut slots = super::index::empty_slots(body / 16);
-    let mut buf = vec![0u8; PIECE_BYTES];
-    for (i, part) in slots.chunks_mut(PIECE_BYTES / 16).enumerate() {
-        let bytes = &mut buf[..part.len() * 16];
-        blob.read_at_exact(bytes, MAGIC.len() + i * PIECE_BYTES)
-            .ok()?;
-        for (slot, pair) in part.iter_mut().zip(bytes.chunks_exact(16)) {
-            *slot = (word(&pair[..8]), word(&pair[8..]));
-        }
-    }
-    PhoneTable::from_slots(slots)
+/// The directory of a state file's snapshots: `<state>.snapshots`.
+pub(super) fn dir_for(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".snapshots");
+    PathBuf::from(name)
 }
 
-/// Stores a snapshot, from its rows, for each of `scope_ids` that has none
-/// (one transaction); returns how many were written.
-pub(super) fn refresh(conn: &mut Connection, scope_ids: &[i64]) -> rusqlite::Result<usize> {
+/// What the state records of a scope's snapshot (the `slots` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Descriptor {
+    /// Random, so that every snapshot file has a name of its own.
+    nonce: u64,
+    /// Slots in the file.
+    count: u64,
+    /// Phones in those slots.
+    phones: u64,
+    /// [`checksum`] of the slots.
+    checksum: u64,
+    /// [`layout_fingerprint`] of the build that wrote it.
+    layout: u64,
+}
+
+const DESCRIPTOR_BYTES: usize = 48;
+
+impl Descriptor {
+    fn encode(&self) -> Vec<u8> {
+        let words = [
+            self.nonce,
+            self.count,
+            self.phones,
+            self.checksum,
+            self.layout,
+        ];
+        let mut bytes = MAGIC.to_vec();
+        words
+            .iter()
+            .for_each(|w| bytes.extend_from_slice(&w.to_le_bytes()));
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Descriptor> {
+        if bytes.len() != DESCRIPTOR_BYTES || &bytes[..8] != MAGIC {
+            return None;
+        }
+        let at = |i: usize| word(&bytes[8 + 8 * i..16 + 8 * i]);
+        Some(Descriptor {
+            nonce: at(0),
+            count: at(1),
+            phones: at(2),
+            checksum: at(3),
+            layout: at(4),
+        })
+    }
+
+    /// The file's name in the snapshots directory.
+    fn file_name(&self, scope_id: i64) -> String {
+        format!("{scope_id}-{:016x}.tbl", self.nonce)
+    }
+}
+
+/// A problem storing snapshots (only logged: they are a cache).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SnapshotError {
+    #[error("{0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The scope's index from its snapshot, if it has a valid one: the
+/// descriptor in this build's format and layout, and its file whole (length,
+/// header, nonce, checksum and phone count as recorded). `None` also for a
+/// file without the table (opened read-only, never by this build).
+pub(super) fn read(conn: &Connection, dir: &Path, scope_id: i64) -> Option<PhoneTable> {
+    let descriptor = descriptor(conn, scope_id).filter(|d| d.layout == layout_fingerprint())?;
+    let file = File::open(dir.join(descriptor.file_name(scope_id))).ok()?;
+    let count = usize::try_from(descriptor.count).ok()?;
+    let bytes = count
+        .checked_mul(size_of::<Slot>())?
+        .checked_add(HEADER_BYTES)?;
+    if file.metadata().ok()?.len() != bytes as u64 {
+        return None;
+    }
+    // SAFETY: a read-only, private mapping. crm-import never changes a
+    // snapshot file once it is renamed into place (each snapshot has a name
+    // of its own), and removing a mapped file leaves the mapping intact: only
+    // another program truncating the file during the run could fault a read.
+    // `populate`: one call maps every page, instead of a fault per 64 KiB.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.ok()?;
+    if &map[..8] != MAGIC || word(&map[8..16]) != descriptor.nonce {
+        return None;
+    }
+    let slots = MappedSlots::new(map, HEADER_BYTES, count)?;
+    let (sum, phones) = checksum(slots.slots());
+    if (sum, phones as u64) != (descriptor.checksum, descriptor.phones) {
+        return None;
+    }
+    PhoneTable::from_mapped(slots, phones)
+}
+
+/// Stores a snapshot, from its rows, for each of `scope_ids` without a valid
+/// one (one transaction); removes the files no descriptor names any more.
+/// Returns how many were written.
+///
+/// A file is complete and on disk (fsync'd) before the transaction that
+/// names it commits; a run killed in between leaves only a file nothing
+/// names, which the next refresh removes.
+pub(super) fn refresh(
+    conn: &mut Connection,
+    dir: &Path,
+    scope_ids: &[i64],
+) -> Result<usize, SnapshotError> {
     let tx = conn.transaction()?;
     let mut written = 0;
     for &id in scope_ids {
-        if open_current(&tx, id).is_none() {
-            tx.execute("DELETE FROM snapshots WHERE scope_id = ?1", [id])?;
+        if read(&tx, dir, id).is_none() {
             let table = PhoneTable::from_pairs(&super::delivered_rows(&tx, id)?);
-            write(&tx, id, table.slots())?;
+            let descriptor = write(dir, id, table.slots())?;
+            tx.execute(
+                "INSERT OR REPLACE INTO snapshots (scope_id, slots) VALUES (?1, ?2)",
+                params![id, descriptor.encode()],
+            )?;
             written += 1;
         }
     }
     tx.commit()?;
+    remove_unnamed(conn, dir)?;
     Ok(written)
 }
 
-/// The scope's snapshot blob, opened for reading, if it has one in this
-/// build's format (one of another format is replaced by `refresh`, not kept
-/// forever beside the rows).
-fn open_current(conn: &Connection, scope_id: i64) -> Option<rusqlite::blob::Blob<'_>> {
-    let blob = conn
-        .blob_open(MAIN_DB, "snapshots", "slots", scope_id, true)
-        .ok()?;
-    let mut magic = [0u8; 8];
-    blob.read_at_exact(&mut magic, 0).ok()?;
-    (&magic == MAGIC).then_some(blob)
+/// The scope's descriptor, if it has one in this build's format (one of
+/// another format is replaced by `refresh`, not kept forever).
+fn descriptor(conn: &Connection, scope_id: i64) -> Option<Descriptor> {
+    let bytes: Vec<u8> = conn
+        .query_row(
+            "SELECT slots FROM snapshots WHERE scope_id = ?1",
+            [scope_id],
+            |row| row.get(0),
+        )
+        .optional()
+        .ok()??;
+    Descriptor::decode(&bytes)
 }
 
-/// Stores `slots` as scope `scope_id`'s snapshot: `MAGIC`, then each slot as
-/// two little-endian u64. Written in `PIECE_BYTES` pieces into a blob sized
-/// up front, so that neither this code nor SQLite (which copies a bound
-/// parameter) holds a second 16 MB copy of the table.
-fn write(conn: &Connection, scope_id: i64, slots: &[(u64, u64)]) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO snapshots (scope_id, slots) VALUES (?1, zeroblob(?2))",
-        params![scope_id, (MAGIC.len() + slots.len() * 16) as i64],
-    )?;
-    let mut blob = conn.blob_open(MAIN_DB, "snapshots", "slots", scope_id, false)?;
-    blob.write_all_at(MAGIC, 0)?;
-    let mut buf = Vec::with_capacity(PIECE_BYTES);
-    for (i, part) in slots.chunks(PIECE_BYTES / 16).enumerate() {
-        encode_slots(part, &mut buf);
-        blob.write_all_at(&buf, MAGIC.len() + i * PIECE_BYTES)?;
+/// Writes `slots` as scope `scope_id`'s next snapshot file: under a
+/// temporary name, fsync'd, then renamed into place.
+fn write(dir: &Path, scope_id: i64, slots: &[Slot]) -> Result<Descriptor, SnapshotError> {
+    let (checksum, phones) = checksum(slots);
+    let descriptor = Descriptor {
+        nonce: std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), scope_id),
+        count: slots.len() as u64,
+        phones: phones as u64,
+        checksum,
+        layout: layout_fingerprint(),
+    };
+    let name = descriptor.file_name(scope_id);
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SnapshotError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let file = File::create(&temporary).map_err(io(&temporary))?;
+    let mut out = BufWriter::with_capacity(PIECE_BYTES, file);
+    out.write_all(MAGIC)
+        .and_then(|_| out.write_all(&descriptor.nonce.to_le_bytes()))
+        .and_then(|_| {
+            slots.iter().try_for_each(|[phone, hash]| {
+                out.write_all(&phone.to_le_bytes())?;
+                out.write_all(&hash.to_le_bytes())
+            })
+        })
+        .map_err(io(&temporary))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| io(&temporary)(e.into_error()))?;
+    file.sync_all().map_err(io(&temporary))?;
+    std::fs::rename(&temporary, dir.join(&name)).map_err(io(&temporary))?;
+    Ok(descriptor)
+}
+
+/// Removes the snapshot files (and temporary files) in `dir` that no
+/// descriptor names: left by a scope whose rows changed, or by a run killed
+/// while writing. Only names of this module's making are touched.
+fn remove_unnamed(conn: &Connection, dir: &Path) -> Result<(), SnapshotError> {
+    let mut named = std::collections::HashSet::new();
+    let mut stmt = conn.prepare("SELECT scope_id, slots FROM snapshots")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let (id, bytes): (i64, Vec<u8>) = (row.get(0)?, row.get(1)?);
+        if let Some(descriptor) = Descriptor::decode(&bytes) {
+            named.insert(descriptor.file_name(id));
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(()); // No directory: nothing to remove.
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.ends_with(".tbl") || (name.starts_with('.') && name.ends_with(".tbl.tmp"));
+        if ours && !named.contains(&name) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| SnapshotError::Io { path, source })?;
+        }
     }
     Ok(())
 }
 
-/// `slots` as little-endian bytes, into `out` (cleared first).
-fn encode_slots(slots: &[(u64, u64)], out: &mut Vec<u8>) {
-    out.clear();
-    for (phone, hash) in slots {
-        out.extend_from_slice(&phone.to_le_bytes());
-        out.extend_from_slice(&hash.to_le_bytes());
+/// Fletcher-style sums of the slots' words, and the phones among them:
+/// catches a file that is not the one written (torn by a power loss, edited,
+/// or copied from another state) at memory speed, a few additions per slot.
+/// Not a defence against anyone forging a file on purpose, which the state's
+/// own file would not resist either.
+fn checksum(slots: &[Slot]) -> (u64, usize) {
+    let (mut sum, mut sum_of_sums, mut phones) = (0u64, 0u64, 0usize);
+    for [phone, hash] in slots {
+        sum = sum.wrapping_add(*phone).wrapping_add(hash.rotate_left(29));
+        sum_of_sums = sum_of_sums.wrapping_add(sum);
+        phones += usize::from(*phone != 0);
     }
+    (sum ^ sum_of_sums.rotate_left(32), phones)
 }
 
 fn word(bytes: &[u8]) -> u64 {
@@ -129,60 +292,36 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The blob `write` stores for `table`, built in one piece.
-    fn encode(table: &PhoneTable) -> Vec<u8> {
-        let mut body = Vec::new();
-        encode_slots(table.slots(), &mut body);
-        [MAGIC.as_slice(), &body].concat()
-    }
-
-    /// A connection holding `blob` as scope 1's snapshot.
-    fn stored(blob: &[u8]) -> Connection {
+    /// An in-memory state with scope 1's `delivered` rows, and a snapshots directory.
+    fn state_with(pairs: &[(u64, u64)]) -> (Connection, tempfile::TempDir) {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(
             "CREATE TABLE delivered (scope_id INTEGER, phone INTEGER, payload_hash INTEGER);",
         )
         .unwrap();
         conn.execute_batch(SCHEMA).unwrap();
-        conn.execute(
-            "INSERT INTO snapshots (scope_id, slots) VALUES (1, ?1)",
-            [blob],
-        )
-        .unwrap();
-        conn
-    }
-
-    proptest! {
-        /// Several read buffers' worth too: 5,000 phones take 8,192 slots, 128 KiB.
-        #[test]
-        fn read_gives_back_what_encode_stored(
-            phones in proptest::collection::hash_set(1u64..u64::MAX, 0..5000),
-        ) {
-            let pairs: Vec<_> = phones.iter().map(|&p| (p, p.rotate_left(7))).collect();
-            let table = PhoneTable::from_pairs(&pairs);
-            let back = read(&stored(&encode(&table)), 1).expect("a well-formed snapshot");
-            prop_assert_eq!(back.slots(), table.slots());
-            prop_assert_eq!(back.len(), pairs.len());
+        for &(phone, hash) in pairs {
+            conn.execute(
+                "INSERT INTO delivered VALUES (1, ?1, ?2)",
+                params![phone as i64, hash as i64],
+            )
+            .unwrap();
         }
+        (conn, tempfile::tempdir().unwrap())
     }
 
-    #[test]
-    fn a_malformed_blob_is_not_read() {
-        let good = encode(&PhoneTable::from_pairs(&[
-            (5511987654321, 1),
-            (5511987654322, 2),
-        ]));
-        assert!(read(&stored(&good), 1).is_some());
-        assert!(read(&stored(&good), 2).is_none(), "no snapshot");
-        assert!(
-            read(&stored(&good[..good.len() - 1]), 1).is_none(),
-            "truncated"
-        );
-        let mut other = good.clone();
-        other[7] = b'2';
-        assert!(read(&stored(&other), 1).is_none(), "another format");
-        let conn = Connection::open_in_memory().unwrap();
-        assert!(read(&conn, 1).is_none(), "no table");
+    /// The path of scope 1's snapshot file.
+    fn file_of(conn: &Connection, dir: &Path) -> PathBuf {
+        dir.join(descriptor(conn, 1).expect("a descriptor").file_name(1))
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     proptest! {
@@ -193,18 +332,10 @@ mod tests {
         fn refresh_writes_what_read_gives_back(
             phones in proptest::collection::hash_set(1u64..u64::MAX / 2, 0..5000),
         ) {
-            let mut conn = stored(b"");
-            let tx = conn.transaction().unwrap();
-            for &phone in &phones {
-                tx.execute(
-                    "INSERT INTO delivered VALUES (1, ?1, ?2)",
-                    params![phone as i64, (phone / 3) as i64],
-                )
-                .unwrap();
-            }
-            tx.commit().unwrap();
-            prop_assert_eq!(refresh(&mut conn, &[1]).unwrap(), 1);
-            let back = read(&conn, 1).expect("a well-formed snapshot");
+            let pairs: Vec<_> = phones.iter().map(|&p| (p, p / 3)).collect();
+            let (mut conn, dir) = state_with(&pairs);
+            prop_assert_eq!(refresh(&mut conn, dir.path(), &[1]).unwrap(), 1);
+            let back = read(&conn, dir.path(), 1).expect("a well-formed snapshot");
             prop_assert_eq!(back.len(), phones.len());
             for &phone in &phones {
                 prop_assert_eq!(back.get(phone), Some(phone / 3));
@@ -212,23 +343,98 @@ mod tests {
         }
     }
 
+    /// Whatever happened to the file, a snapshot that is not the one its
+    /// descriptor describes is not read (the rows are then read instead).
     #[test]
-    fn refresh_replaces_a_snapshot_of_another_format() {
-        let mut conn = stored(b"");
+    fn a_snapshot_file_that_is_not_the_one_written_is_not_read() {
+        let (mut conn, dir) = state_with(&[(5511987654321, 1), (5511987654322, 2)]);
+        let dir = dir.path();
+        assert!(read(&conn, dir, 1).is_none(), "no snapshot yet");
+        refresh(&mut conn, dir, &[1]).unwrap();
+        assert_eq!(read(&conn, dir, 1).unwrap().get(5511987654322), Some(2));
+        assert!(read(&conn, dir, 2).is_none(), "another scope has none");
+        let path = file_of(&conn, dir);
+        let good = std::fs::read(&path).unwrap();
+        let altered = |change: &dyn Fn(&mut Vec<u8>), what: &str| {
+            let mut bytes = good.clone();
+            change(&mut bytes);
+            std::fs::write(&path, &bytes).unwrap();
+            assert!(read(&conn, dir, 1).is_none(), "{what}");
+        };
+        altered(&|b| b.truncate(b.len() - 16), "truncated");
+        altered(&|b| b[7] = b'1', "another format");
+        altered(&|b| b[8] ^= 1, "another snapshot's nonce");
+        // A hash changed: still a well-formed table, only the checksum tells.
+        let hash_at = (16..good.len())
+            .step_by(16)
+            .find(|&i| good[i] != 0)
+            .unwrap()
+            + 8;
+        altered(&|b| b[hash_at] ^= 1, "a changed hash");
+        std::fs::write(&path, &good).unwrap();
+        assert!(read(&conn, dir, 1).is_some(), "restored");
+        let mut other_layout = descriptor(&conn, 1).unwrap();
+        other_layout.layout ^= 1;
         conn.execute(
-            "INSERT INTO delivered VALUES (1, 5511987654321, 9), (2, 5511987654322, 8)",
-            [],
+            "UPDATE snapshots SET slots = ?1 WHERE scope_id = 1",
+            [other_layout.encode()],
         )
         .unwrap();
+        assert!(
+            read(&conn, dir, 1).is_none(),
+            "written by a build placing phones elsewhere"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(read(&conn, dir, 1).is_none(), "missing file");
+        let bare = Connection::open_in_memory().unwrap();
+        assert!(read(&bare, dir, 1).is_none(), "no table");
+    }
+
+    #[test]
+    fn refresh_replaces_what_is_not_a_valid_snapshot_and_removes_unnamed_files() {
+        let (mut conn, dir) = state_with(&[(5511987654321, 9)]);
+        let dir = dir.path();
+        conn.execute("INSERT INTO delivered VALUES (2, 5511987654322, 8)", [])
+            .unwrap();
         // Stored after the rows (whose triggers dropped the first one).
         conn.execute(
-            "INSERT INTO snapshots VALUES (1, 'CRMTBL00 laid out by another build')",
+            "INSERT INTO snapshots VALUES (1, 'CRMTBL01 the slots, as schema 2 kept them')",
             [],
         )
         .unwrap();
-        assert_eq!(refresh(&mut conn, &[1, 2]).unwrap(), 2);
-        assert_eq!(refresh(&mut conn, &[1, 2]).unwrap(), 0, "kept once current");
-        assert_eq!(read(&conn, 1).unwrap().get(5511987654321), Some(9));
-        assert_eq!(read(&conn, 2).unwrap().get(5511987654322), Some(8));
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("7-00000000000000aa.tbl"),
+            b"left by a changed scope",
+        )
+        .unwrap();
+        std::fs::write(dir.join(".1-00000000000000bb.tbl.tmp"), b"a killed write").unwrap();
+        std::fs::write(dir.join("notes.txt"), b"not ours").unwrap();
+        assert_eq!(refresh(&mut conn, dir, &[1, 2]).unwrap(), 2);
+        assert_eq!(
+            refresh(&mut conn, dir, &[1, 2]).unwrap(),
+            0,
+            "kept once valid"
+        );
+        assert_eq!(read(&conn, dir, 1).unwrap().get(5511987654321), Some(9));
+        assert_eq!(read(&conn, dir, 2).unwrap().get(5511987654322), Some(8));
+        let two = descriptor(&conn, 2).unwrap().file_name(2);
+        let mut expected = [file_of(&conn, dir), dir.join(&two), dir.join("notes.txt")]
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect::<Vec<_>>();
+        expected.sort();
+        assert_eq!(names_in(dir), expected);
+
+        // A file gone (a state copied without its directory): written again.
+        std::fs::remove_file(file_of(&conn, dir)).unwrap();
+        assert_eq!(refresh(&mut conn, dir, &[1, 2]).unwrap(), 1);
+        assert!(read(&conn, dir, 1).is_some());
+        // Rows changed: the trigger drops the descriptor, refresh the old file.
+        let old = file_of(&conn, dir);
+        conn.execute("DELETE FROM delivered WHERE scope_id = 1", [])
+            .unwrap();
+        assert_eq!(refresh(&mut conn, dir, &[2]).unwrap(), 0);
+        assert!(!old.exists(), "the stale file is removed");
     }
 }
