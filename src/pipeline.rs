@@ -66,8 +66,10 @@ const IN_FLIGHT_CHUNKS: usize = 8;
 const LOAD_AHEAD_CHUNKS: usize = 48;
 
 /// How many rows ahead the merger prefetches the state's entries: enough to
-/// cover a memory access while the rows in between are decided.
-const PREFETCH_ROWS: usize = 8;
+/// cover a memory access (a TLB miss too, as mapped snapshots sit on 4 KiB
+/// pages) while the rows in between are decided. 8 → 24: merger-thread perf
+/// samples of a re-run −12%; 48 gained nothing more (BENCHMARKS.md "Fifth pass").
+const PREFETCH_ROWS: usize = 24;
 
 /// Why a run could not be done (exit 1).
 #[derive(Debug, thiserror::Error)]
