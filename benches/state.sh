@@ -35,7 +35,7 @@ for _ in $(seq 100); do
 done
 
 STATE="$DATA/state-bench.db"
-rm -f "$STATE" "$STATE-wal" "$STATE-shm"
+rm -rf "$STATE" "$STATE-wal" "$STATE-shm" "$STATE.snapshots"
 sed -e "s|^path = \"../bench-data/report.csv\"|path = \"state-bench-report.csv\"|" fixtures/bench.toml > "$DATA/state-bench.toml"
 cat >> "$DATA/state-bench.toml" <<TOML
 TOML
@@ -74,15 +74,18 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1
 dry_m=$(median "${dry[@]}"); rerun_m=$(median "${rerun[@]}"); stateless_m=$(median "${stateless[@]}")
 unique=$(grep -o '[0-9,]* unique phones' "$DATA/rerun.stderr" | head -1 | tr -d ', a-z')
 bytes=$(stat -c %s "$STATE")
+# The snapshot files beside the state (a cache of it, src/state/snapshot.rs).
+snapshots=$(du -sb "$STATE.snapshots" 2>/dev/null | cut -f1); snapshots=${snapshots:-0}
 python3 - <<PY
 pop_s, pop_kb = $pop_s, $pop_kb
 dry, rerun = $dry_m, $rerun_m
-unique, size = int("$unique"), $bytes
+unique, size, snapshots = int("$unique"), $bytes, $snapshots
 print(f"populate (real run, 3 sinks, unthrottled sandbox): {pop_s:.1f} s, peak {pop_kb/1024:.0f} MB, {$after_populate} requests")
 print(f"dry run median {dry:.2f} s ({$RUNS} runs: ${dry[*]}); unchanged re-run median {rerun:.2f} s (${rerun[*]}); ratio {rerun/dry:.2f}x; re-run peak RSS {$rss/1024:.0f} MB")
 print(f"stateless dry run median {$stateless_m:.2f} s (${stateless[*]}); re-run / stateless dry run {rerun/$stateless_m:.2f}x")
 print(f"requests made by the {$RUNS} re-runs: {$after_reruns - $after_populate}")
 print(f"state: {size/1e6:.1f} MB for {unique} contacts x 3 sinks = {size/unique:.0f} bytes per contact ({size/unique/3:.0f} per contact and sink)")
+print(f"snapshot files beside it: {snapshots/1e6:.1f} MB, {snapshots/unique:.0f} bytes per contact; both: {(size+snapshots)/unique:.0f} bytes per contact")
 grep_unchanged = open("$DATA/rerun.stderr").read()
 print([l.strip() for l in grep_unchanged.splitlines() if "unchanged" in l])
 PY
