@@ -22,9 +22,11 @@
 //! place: each snapshot has a new name (its nonce), so a mapped one never
 //! changes under a reader, and the files no descriptor names are removed.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -135,7 +137,8 @@ pub(super) enum SnapshotError {
 /// file without the table (opened read-only, never by this build).
 pub(super) fn read(conn: &Connection, dir: &Path, scope_id: i64) -> Option<PhoneTable> {
     let descriptor = descriptor(conn, scope_id).filter(|d| d.layout == layout_fingerprint())?;
-    let file = File::open(dir.join(descriptor.file_name(scope_id))).ok()?;
+    let path = dir.join(descriptor.file_name(scope_id));
+    let file = File::open(&path).ok()?;
     let count = usize::try_from(descriptor.count).ok()?;
     let bytes = count
         .checked_mul(size_of::<Slot>())?
@@ -157,7 +160,31 @@ pub(super) fn read(conn: &Connection, dir: &Path, scope_id: i64) -> Option<Phone
     if (sum, phones as u64) != (descriptor.checksum, descriptor.phones) {
         return None;
     }
-    PhoneTable::from_mapped(slots, phones)
+    let table = PhoneTable::from_mapped(slots, phones)?;
+    verified().insert(path);
+    Some(table)
+}
+
+/// The snapshot files this process has read whole ([`read`]): when the run
+/// ends, `refresh` keeps them without reading them again (their names are
+/// unique and a file is never changed once in place), instead of spending
+/// another pass over 48 MB on the writer thread after the last row.
+fn verified() -> MutexGuard<'static, HashSet<PathBuf>> {
+    static VERIFIED: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+    VERIFIED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether scope `scope_id` has a valid snapshot now: one this process read
+/// whole and whose file is still there, or one that reads whole now.
+fn is_current(conn: &Connection, dir: &Path, scope_id: i64) -> bool {
+    let read_before = descriptor(conn, scope_id)
+        .filter(|d| d.layout == layout_fingerprint())
+        .is_some_and(|d| {
+            let path = dir.join(d.file_name(scope_id));
+            let bytes = (HEADER_BYTES as u64).saturating_add(d.count.saturating_mul(16));
+            verified().contains(&path) && std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes)
+        });
+    read_before || read(conn, dir, scope_id).is_some()
 }
 
 /// Stores a snapshot, from its rows, for each of `scope_ids` without a valid
@@ -175,7 +202,7 @@ pub(super) fn refresh(
     let tx = conn.transaction()?;
     let mut written = 0;
     for &id in scope_ids {
-        if read(&tx, dir, id).is_none() {
+        if !is_current(&tx, dir, id) {
             let table = PhoneTable::from_pairs(&super::delivered_rows(&tx, id)?);
             let descriptor = write(dir, id, table.slots())?;
             tx.execute(
@@ -245,7 +272,7 @@ fn write(dir: &Path, scope_id: i64, slots: &[Slot]) -> Result<Descriptor, Snapsh
 /// descriptor names: left by a scope whose rows changed, or by a run killed
 /// while writing. Only names of this module's making are touched.
 fn remove_unnamed(conn: &Connection, dir: &Path) -> Result<(), SnapshotError> {
-    let mut named = std::collections::HashSet::new();
+    let mut named = HashSet::new();
     let mut stmt = conn.prepare("SELECT scope_id, slots FROM snapshots")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
@@ -388,6 +415,27 @@ mod tests {
         assert!(read(&conn, dir, 1).is_none(), "missing file");
         let bare = Connection::open_in_memory().unwrap();
         assert!(read(&bare, dir, 1).is_none(), "no table");
+    }
+
+    /// What a run's load read whole, its end keeps without a second pass
+    /// (the file is only checked to be still there, at its size).
+    #[test]
+    fn refresh_keeps_a_snapshot_this_process_read_without_reading_it_again() {
+        let (mut conn, dir) = state_with(&[(5511987654321, 1)]);
+        let dir = dir.path();
+        refresh(&mut conn, dir, &[1]).unwrap();
+        assert!(read(&conn, dir, 1).is_some());
+        let path = file_of(&conn, dir);
+        let length = std::fs::metadata(&path).unwrap().len() as usize;
+        std::fs::write(&path, vec![0u8; length]).unwrap();
+        assert_eq!(refresh(&mut conn, dir, &[1]).unwrap(), 0, "not read again");
+        assert!(read(&conn, dir, 1).is_none(), "a load still reads it whole");
+        std::fs::write(&path, b"shorter").unwrap();
+        assert_eq!(
+            refresh(&mut conn, dir, &[1]).unwrap(),
+            1,
+            "its size changed"
+        );
     }
 
     #[test]
