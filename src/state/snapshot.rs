@@ -113,6 +113,12 @@ impl Descriptor {
         })
     }
 
+    /// The file's size in bytes: the header, then `count` slots.
+    fn file_bytes(&self) -> Option<u64> {
+        let slots = self.count.checked_mul(size_of::<Slot>() as u64)?;
+        slots.checked_add(HEADER_BYTES as u64)
+    }
+
     /// The file's name in the snapshots directory.
     fn file_name(&self, scope_id: i64) -> String {
         format!("{scope_id}-{:016x}.tbl", self.nonce)
@@ -140,10 +146,7 @@ pub(super) fn read(conn: &Connection, dir: &Path, scope_id: i64) -> Option<Phone
     let path = dir.join(descriptor.file_name(scope_id));
     let file = File::open(&path).ok()?;
     let count = usize::try_from(descriptor.count).ok()?;
-    let bytes = count
-        .checked_mul(size_of::<Slot>())?
-        .checked_add(HEADER_BYTES)?;
-    if file.metadata().ok()?.len() != bytes as u64 {
+    if file.metadata().ok()?.len() != descriptor.file_bytes()? {
         return None;
     }
     // SAFETY: a read-only, private mapping. crm-import never changes a
@@ -181,8 +184,9 @@ fn is_current(conn: &Connection, dir: &Path, scope_id: i64) -> bool {
         .filter(|d| d.layout == layout_fingerprint())
         .is_some_and(|d| {
             let path = dir.join(d.file_name(scope_id));
-            let bytes = (HEADER_BYTES as u64).saturating_add(d.count.saturating_mul(16));
-            verified().contains(&path) && std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes)
+            let bytes = d.file_bytes();
+            verified().contains(&path)
+                && std::fs::metadata(&path).is_ok_and(|m| Some(m.len()) == bytes)
         });
     read_before || read(conn, dir, scope_id).is_some()
 }
