@@ -129,8 +129,8 @@ pub fn empty_slots(n: usize) -> Box<[Slot]> {
     slots
 }
 
-/// Names where this build places phones: where a few fixed phones start
-/// their probe, and the slot size. A snapshot records it, and one written by
+/// Names where this build places phones: the hash of a few fixed phones
+/// (a slot's probe starts at its phone's hash), and the slot size. A snapshot records it, and one written by
 /// a build that placed phones elsewhere (another `dedup::hash`) is not read,
 /// whose lookups would miss every phone and send everything again. (Linear
 /// probing itself is pinned by `the_layout_fingerprint_is_pinned`.)
