@@ -556,8 +556,12 @@ pub struct PhoneNormalizer {
     compiled: Vec<Option<Box<CompiledRegion>>>,
     /// The region of rows whose `country_column` is empty or not a region.
     default_region: Option<&'static RegionMeta>,
-    /// Reused buffer for the digits of the number being parsed.
+    /// Reused buffers: the digits of the number being parsed, its national
+    /// number, and a candidate national number. Parsing runs per phone cell,
+    /// and these were 1–2 allocations per row (perf, issue 11).
     scratch: String,
+    national: String,
+    candidate: String,
 }
 
 impl PhoneNormalizer {
@@ -567,6 +571,8 @@ impl PhoneNormalizer {
             compiled: (0..REGIONS.len()).map(|_| None).collect(),
             default_region: default_region.as_deref().and_then(known_region),
             scratch: String::with_capacity(32),
+            national: String::with_capacity(32),
+            candidate: String::with_capacity(32),
         }
     }
 
@@ -589,9 +595,21 @@ impl PhoneNormalizer {
             return Err(InvalidReason::Empty);
         }
         let region = row_region.and_then(known_region).or(self.default_region);
-        let parsed = self.parse(raw, region);
-        let (code, nsn) = match parsed {
-            Ok(v) => v,
+        let mut nsn = std::mem::take(&mut self.national);
+        let result = self.normalize_parsed(raw, region, &mut nsn);
+        self.national = nsn;
+        result
+    }
+
+    /// [`PhoneNormalizer::normalize`] once the region is known, parsing into `nsn`.
+    fn normalize_parsed(
+        &mut self,
+        raw: &str,
+        region: Option<&'static RegionMeta>,
+        nsn: &mut String,
+    ) -> Result<E164, InvalidReason> {
+        let code = match self.parse(raw, region, nsn) {
+            Ok(code) => code,
             Err(e) => {
                 return Err(match e {
                     ParseError::NotANumber => InvalidReason::NotANumber,
@@ -610,11 +628,11 @@ impl PhoneNormalizer {
                 });
             }
         };
-        let is_mobile = self.mobile_if_valid(code, &nsn);
+        let is_mobile = self.mobile_if_valid(code, nsn);
         match is_mobile {
             Some(false) if let Some(mobile) = self.forgotten_plus_mobile(raw, code) => Ok(mobile),
-            Some(_) => Ok(to_e164(code, &nsn)),
-            None => Err(self.explain_invalid(code, &nsn)),
+            Some(_) => Ok(to_e164(code, nsn)),
+            None => Err(self.explain_invalid(code, nsn)),
         }
     }
 
@@ -637,7 +655,8 @@ impl PhoneNormalizer {
         if rest.len() < MIN_LENGTH_FOR_NSN {
             return None;
         }
-        let (alt_code, alt_nsn) = self.parse(&format!("+{digits}"), None).ok()?;
+        let mut alt_nsn = String::new();
+        let alt_code = self.parse(&format!("+{digits}"), None, &mut alt_nsn).ok()?;
         let is_mobile = self.mobile_if_valid(alt_code, &alt_nsn)?;
         is_mobile.then(|| to_e164(alt_code, &alt_nsn))
     }
@@ -685,12 +704,14 @@ impl PhoneNormalizer {
         None
     }
 
-    /// libphonenumber's `parseHelper`: returns (country code, national significant number).
+    /// libphonenumber's `parseHelper`: returns the country code, and leaves
+    /// the national significant number in `national`.
     fn parse(
         &mut self,
         raw: &str,
         default_meta: Option<&'static RegionMeta>,
-    ) -> Result<(u16, String), ParseError> {
+        national: &mut String,
+    ) -> Result<u16, ParseError> {
         if raw.len() > MAX_INPUT_STRING_LENGTH {
             return Err(ParseError::TooLong);
         }
@@ -702,15 +723,15 @@ impl PhoneNormalizer {
         if default_meta.is_none() && !starts_with_plus(number) {
             return Err(ParseError::InvalidCountryCode);
         }
-        let (mut code, mut national) = match self.maybe_extract_country_code(number, default_meta) {
-            Ok(v) => v,
+        let mut code = match self.maybe_extract_country_code(number, default_meta, national) {
+            Ok(code) => code,
             Err(ParseError::InvalidCountryCode) if starts_with_plus(number) => {
                 let stripped = number.trim_start_matches(['+', '\u{FF0B}']);
-                let (code, national) = self.maybe_extract_country_code(stripped, default_meta)?;
+                let code = self.maybe_extract_country_code(stripped, default_meta, national)?;
                 if code == 0 {
                     return Err(ParseError::InvalidCountryCode);
                 }
-                (code, national)
+                code
             }
             Err(e) => return Err(e),
         };
@@ -721,15 +742,17 @@ impl PhoneNormalizer {
                 region_meta = main;
             }
         } else {
-            national = normalize(number);
+            national.clear();
+            normalize_into(number, national);
             code = default_meta.map(|m| m.country_code()).unwrap_or(0);
         }
         if national.len() < MIN_LENGTH_FOR_NSN {
             return Err(ParseError::NotANumber);
         }
         if let Some(meta) = region_meta {
+            let mut potential = std::mem::take(&mut self.candidate);
             let region = self.compiled(meta);
-            if let Some(potential) = national_prefix_stripped(&national, region) {
+            if national_prefix_stripped(national, region, &mut potential) {
                 let check = region.test_number_length(potential.len());
                 if !matches!(
                     check,
@@ -737,9 +760,10 @@ impl PhoneNormalizer {
                         | LengthCheck::IsPossibleLocalOnly
                         | LengthCheck::InvalidLength
                 ) {
-                    national = potential;
+                    std::mem::swap(national, &mut potential);
                 }
             }
+            self.candidate = potential;
         }
         if national.len() < MIN_LENGTH_FOR_NSN {
             return Err(ParseError::TooShortNsn);
@@ -750,17 +774,20 @@ impl PhoneNormalizer {
         if code == 0 {
             return Err(ParseError::InvalidCountryCode);
         }
-        Ok((code, national))
+        Ok(code)
     }
 
-    /// libphonenumber's `maybeExtractCountryCode`: returns (code or 0, national number).
+    /// libphonenumber's `maybeExtractCountryCode`: returns the code or 0, and
+    /// leaves the national number in `national` (empty with 0).
     fn maybe_extract_country_code(
         &mut self,
         number: &str,
         default_meta: Option<&'static RegionMeta>,
-    ) -> Result<(u16, String), ParseError> {
+        national: &mut String,
+    ) -> Result<u16, ParseError> {
+        national.clear();
         if number.is_empty() {
-            return Ok((0, String::new()));
+            return Ok(0);
         }
         let mut full = std::mem::take(&mut self.scratch);
         let source = {
@@ -772,7 +799,10 @@ impl PhoneNormalizer {
                 Err(ParseError::TooShortAfterIdd)
             } else {
                 match extract_country_code(&full) {
-                    Some((code, rest)) => Ok((code, rest.to_owned())),
+                    Some((code, rest)) => {
+                        national.push_str(rest);
+                        Ok(code)
+                    }
                     None => Err(ParseError::InvalidCountryCode),
                 }
             }
@@ -780,19 +810,23 @@ impl PhoneNormalizer {
             // DEVIATION: the crate strips a leading country code unconditionally; libphonenumber
             // only does when the rest matches the region better (or the whole is too long).
             let region = self.compiled(meta);
-            let mut outcome = Ok((0, String::new()));
+            let mut outcome = Ok(0);
             if let Some(rest) = full.strip_prefix(region.country_code_text.as_str()) {
-                let potential =
-                    national_prefix_stripped(rest, region).unwrap_or_else(|| rest.to_owned());
-                if (!region.general_matches(&full) && region.general_matches(&potential))
+                // The potential national number.
+                if !national_prefix_stripped(rest, region, national) {
+                    national.push_str(rest);
+                }
+                if (!region.general_matches(&full) && region.general_matches(national))
                     || region.test_number_length(full.len()) == LengthCheck::TooLong
                 {
-                    outcome = Ok((region.country_code, potential));
+                    outcome = Ok(region.country_code);
+                } else {
+                    national.clear();
                 }
             }
             outcome
         } else {
-            Ok((0, String::new()))
+            Ok(0)
         };
         self.scratch = full;
         result
@@ -1092,35 +1126,41 @@ fn extract_country_code(full: &str) -> Option<(u16, &str)> {
     None
 }
 
-/// libphonenumber's `maybeStripNationalPrefixAndCarrierCode`: the number without
-/// its national prefix, or `None` when it stays as it is.
-fn national_prefix_stripped(number: &str, region: &CompiledRegion) -> Option<String> {
-    let prefix = region.national_prefix_for_parsing.as_ref()?;
+/// libphonenumber's `maybeStripNationalPrefixAndCarrierCode`: whether the
+/// number loses its national prefix; if so, `out` is replaced with the rest
+/// (else it is left empty).
+fn national_prefix_stripped(number: &str, region: &CompiledRegion, out: &mut String) -> bool {
+    out.clear();
+    let Some(prefix) = region.national_prefix_for_parsing.as_ref() else {
+        return false;
+    };
     if number.is_empty() {
-        return None;
+        return false;
     }
     // Most national numbers carry no prefix: the DFA says so without the
     // regex engine. Only a transform rule needs the groups (`captures`).
-    let whole = prefix.prefix_end(number)?;
-    let viable_original = region.general_matches(number);
-    let transformed = match &region.national_prefix_transform_rule {
-        Some(rule) if !rule.is_empty() => {
-            let caps = prefix.get().captures(number)?;
-            let last_group_matched = caps.get(caps.len() - 1).is_some();
-            last_group_matched.then(|| {
-                let mut transformed = String::with_capacity(number.len() + 2);
-                caps.expand(rule, &mut transformed);
-                transformed.push_str(&number[whole..]);
-                transformed
-            })
-        }
-        _ => None,
+    let Some(whole) = prefix.prefix_end(number) else {
+        return false;
     };
-    let stripped = transformed.unwrap_or_else(|| number[whole..].to_owned());
-    if viable_original && !region.general_matches(&stripped) {
-        return None;
+    let viable_original = region.general_matches(number);
+    if let Some(rule) = region
+        .national_prefix_transform_rule
+        .as_ref()
+        .filter(|rule| !rule.is_empty())
+    {
+        let Some(caps) = prefix.get().captures(number) else {
+            return false;
+        };
+        if caps.get(caps.len() - 1).is_some() {
+            caps.expand(rule, out);
+        }
     }
-    Some(stripped)
+    out.push_str(&number[whole..]);
+    if viable_original && !region.general_matches(out) {
+        out.clear();
+        return false;
+    }
+    true
 }
 
 /// `true` when `text` could be a Weni `whatsapp:`/`tel:` path: 8–15 digits (API.md §1.3.1).
