@@ -163,10 +163,6 @@ pub struct RegionMeta {
 }
 
 impl RegionMeta {
-    fn id(&self) -> &'static str {
-        self.id
-    }
-
     fn country_code(&self) -> u16 {
         self.country_code
     }
@@ -738,7 +734,15 @@ impl PhoneNormalizer {
         let mut region_meta = default_meta;
         if code != 0 {
             let main = directory().main(code);
-            if main.map(|m| m.id()) != default_meta.map(|m| m.id()) {
+            // Same region, compared by address: each region has one entry in
+            // REGIONS, and a row's region is never a non-geographic "001"
+            // entry (those share one id), so this is the id comparison without
+            // a `memcmp` call per row.
+            let same = match (main, default_meta) {
+                (Some(a), Some(b)) => std::ptr::eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            if !same {
                 region_meta = main;
             }
         } else {
@@ -1249,6 +1253,18 @@ mod tests {
                 .count()
             })
             .sum()
+    }
+
+    /// `parse` compares regions by address: that is the id comparison only if
+    /// every two-letter region has one entry, the one `known_region` gives.
+    #[test]
+    fn each_region_has_one_entry_and_a_row_region_is_never_non_geographic() {
+        for meta in REGIONS {
+            match known_region(meta.id) {
+                Some(found) => assert!(std::ptr::eq(found, meta), "{} twice", meta.id),
+                None => assert_eq!(meta.id, "001"),
+            }
+        }
     }
 
     /// Every metadata pattern (all regions and non-geographic codes) builds
