@@ -738,11 +738,7 @@ impl PhoneNormalizer {
             // REGIONS, and a row's region is never a non-geographic "001"
             // entry (those share one id), so this is the id comparison without
             // a `memcmp` call per row.
-            let same = match (main, default_meta) {
-                (Some(a), Some(b)) => std::ptr::eq(a, b),
-                (a, b) => a.is_none() && b.is_none(),
-            };
-            if !same {
+            if main.map(std::ptr::from_ref) != default_meta.map(std::ptr::from_ref) {
                 region_meta = main;
             }
         } else {
