@@ -49,7 +49,7 @@ use crate::sink::{
     Check, GroupCounts, ItemMeta, Rerun, RowView, Sink, SinkItem, SinkKind, SinkRow,
 };
 use crate::source::{self, SourceError};
-use crate::state::{RunLock, Scope, SinkIndex, StateError, StateThread, StateWriter};
+use crate::state::{Lookup, RunIndex, RunLock, Scope, StateError, StateThread, StateWriter};
 use crate::summary::{RunOutcome, SinkPlan, SinkSummary};
 
 /// Rows per chunk: big enough to amortize channel hand-offs, small enough to
@@ -70,6 +70,9 @@ const LOAD_AHEAD_CHUNKS: usize = 48;
 /// pages) while the rows in between are decided. 8 → 24: merger-thread perf
 /// samples of a re-run −12%; 48 gained nothing more (BENCHMARKS.md "Fifth pass").
 const PREFETCH_ROWS: usize = 24;
+
+/// The merger's state until the load is done (nothing is decided before).
+static EMPTY_STATE: RunIndex = RunIndex::EMPTY;
 
 /// Why a run could not be done (exit 1).
 #[derive(Debug, thiserror::Error)]
@@ -194,9 +197,9 @@ struct Incremental {
     /// The indexes' load, started beside the reader: a re-run's tens of ms of
     /// mapping and checksumming three snapshots then overlap the first
     /// chunks' parsing instead of delaying them. Only the merger waits for it.
-    loaded: Receiver<Result<Vec<SinkIndex>, StateError>>,
-    /// Per sink (config order): what was delivered before, once loaded.
-    indexes: OnceLock<Vec<SinkIndex>>,
+    loaded: Receiver<Result<RunIndex, StateError>>,
+    /// What was delivered before, once loaded.
+    index: OnceLock<RunIndex>,
     /// Whether the state has any of this run's scopes (else the load is instant).
     loads_anything: bool,
     /// The state file (for an error if the load thread dies).
@@ -222,7 +225,7 @@ impl Incremental {
             .map_err(|e| RunError::Runtime(format!("cannot start loading the state: {e}")))?;
         Ok(Incremental {
             loaded,
-            indexes: OnceLock::new(),
+            index: OnceLock::new(),
             loads_anything,
             path,
             rerun,
@@ -234,7 +237,7 @@ impl Incremental {
         &self,
         rx: &Receiver<Result<Checked, SourceError>>,
         pending: &mut BTreeMap<u64, Checked>,
-    ) -> Result<&[SinkIndex], RunError> {
+    ) -> Result<&RunIndex, RunError> {
         let mut input_open = true;
         let loaded = loop {
             if !input_open {
@@ -257,7 +260,7 @@ impl Incremental {
                 message: "loading the state stopped unexpectedly".into(),
             })
         })?;
-        Ok(self.indexes.get_or_init(|| loaded))
+        Ok(self.index.get_or_init(|| loaded))
     }
 }
 
@@ -914,8 +917,8 @@ pub fn normalize_chunk(
 struct Merger<'a> {
     run: &'a Run<'a>,
     lanes: &'a [(Arc<Lane>, Arc<dyn Sink>)],
-    /// Per sink: what the state says was delivered (empty until `merge` starts).
-    indexes: &'a [SinkIndex],
+    /// What the state says was delivered (empty until `merge` starts).
+    state: &'a RunIndex,
     dedup: Dedup,
     /// Rows handed to each sink so far (for `--limit` and the sinks' caps).
     sent: Vec<u64>,
@@ -929,7 +932,7 @@ impl<'a> Merger<'a> {
         Merger {
             run,
             lanes,
-            indexes: &[],
+            state: &EMPTY_STATE,
             dedup: Dedup::new(),
             sent: vec![0; n],
             groups: vec![GroupCounts::new(); n],
@@ -946,7 +949,7 @@ impl<'a> Merger<'a> {
         (permits, mut withheld): (&Receiver<()>, usize),
     ) -> Result<(Vec<SinkPlan>, u64), RunError> {
         let mut pending: BTreeMap<u64, Checked> = BTreeMap::new();
-        self.indexes = self.run.incremental.wait_collecting(&rx, &mut pending)?;
+        self.state = self.run.incremental.wait_collecting(&rx, &mut pending)?;
         let mut next = 0u64;
         let mut input = rx.iter();
         loop {
@@ -989,7 +992,7 @@ impl<'a> Merger<'a> {
     fn merge_chunk(&mut self, checked: &mut Checked) -> Result<(), SpoolError> {
         let sinks = self.run.stages.sinks.len();
         let chunk = &mut checked.chunk;
-        let indexes = self.indexes;
+        let state = self.state;
         self.dedup
             .warm(chunk.rows.iter().filter_map(|r| match r.outcome {
                 Outcome::Unique { phone, .. } => Some(phone),
@@ -1001,7 +1004,7 @@ impl<'a> Merger<'a> {
             if let Some(Outcome::Unique { phone, .. }) =
                 chunk.rows.get(i + PREFETCH_ROWS).map(|r| &r.outcome)
             {
-                indexes.iter().for_each(|index| index.prefetch(*phone));
+                state.prefetch(*phone);
             }
             let Outcome::Unique { raw_column, phone } = chunk.rows[i].outcome else {
                 continue;
@@ -1018,9 +1021,11 @@ impl<'a> Merger<'a> {
                 };
                 continue;
             }
+            let known = state.lookup(phone);
             for s in 0..sinks {
                 let check = &mut checked.checks[i * sinks + s];
-                self.route(s, RowView { chunk, index: i }, raw_column, phone, check)?;
+                let row = RowView { chunk, index: i };
+                self.route(s, row, (raw_column, phone), known, check)?;
             }
         }
         Ok(())
@@ -1032,8 +1037,8 @@ impl<'a> Merger<'a> {
         &mut self,
         s: usize,
         row: RowView<'_>,
-        raw_column: u8,
-        phone: E164,
+        (raw_column, phone): (u8, E164),
+        known: Lookup<'_>,
         check: &mut Check,
     ) -> Result<(), SpoolError> {
         let Check::Ready { group, hash } = *check else {
@@ -1041,7 +1046,7 @@ impl<'a> Merger<'a> {
         };
         let sink = &self.run.stages.sinks[s];
         let rerun = self.run.incremental.rerun;
-        if let Some(decided) = sink.decide(&self.indexes[s], rerun, phone, hash) {
+        if let Some(decided) = sink.decide(known.for_sink(s), rerun, phone, hash) {
             *check = decided;
             return Ok(());
         }

@@ -104,9 +104,10 @@ fn a_contact_forgotten_by_hand_is_sent_again_despite_the_snapshot() {
 }
 
 /// Snapshots are files beside the state (`<state>.snapshots/`), a cache only:
-/// a re-run whose files were damaged or deleted (a state copied without its
-/// directory) reads the rows instead, still sends nothing, and leaves fresh
-/// files behind.
+/// one per sink, and one joint file holding all three sinks' hashes, which a
+/// re-run with the same sinks reads instead. A re-run whose files were
+/// damaged or deleted (a state copied without its directory) reads the rows
+/// instead, still sends nothing, and leaves fresh files behind.
 #[test]
 fn a_rerun_with_damaged_or_missing_snapshot_files_sends_nothing_and_rewrites_them() {
     let rig = Rig::new(sandbox_options());
@@ -114,18 +115,25 @@ fn a_rerun_with_damaged_or_missing_snapshot_files_sends_nothing_and_rewrites_the
     let first = rig.run(&config("", "", ""), [TOKEN; 3]);
     assert_eq!(first.code, 0, "{}", first.stderr);
     let dir = rig.path("crm-import-state.db.snapshots");
-    let files = |dir: &std::path::Path| {
+    let files = |dir: &std::path::Path, extension: &str| {
         let mut names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == extension))
             .collect();
         names.sort();
         names
     };
-    let written = files(&dir);
+    let written = files(&dir, "tbl");
     assert_eq!(written.len(), 3, "one file per sink: {written:?}");
-    let length = std::fs::metadata(&written[0]).unwrap().len() as usize;
-    std::fs::write(&written[0], vec![0u8; length]).unwrap();
+    let joint = files(&dir, "jtbl");
+    assert_eq!(joint.len(), 1, "and one joint file: {joint:?}");
+    let damage = |path: &std::path::Path| {
+        let length = std::fs::metadata(path).unwrap().len() as usize;
+        std::fs::write(path, vec![0u8; length]).unwrap();
+    };
+    damage(&joint[0]);
+    damage(&written[0]);
     std::fs::remove_file(&written[1]).unwrap();
 
     let before = requests(&first.log);
@@ -134,13 +142,27 @@ fn a_rerun_with_damaged_or_missing_snapshot_files_sends_nothing_and_rewrites_the
     assert_eq!(requests(&second.log), before, "nothing sent again");
     assert_invariant(&second.report, &SINKS, &[("in.csv", n)]);
     assert!(second.report.iter().all(|r| r["status"] == "unchanged"));
-    let rewritten = files(&dir);
+    let rewritten = files(&dir, "tbl");
     assert_eq!(rewritten.len(), 3, "{rewritten:?}");
     assert!(
         !rewritten.contains(&written[0]),
         "the damaged file is replaced"
     );
     assert!(rewritten.contains(&written[2]), "the intact one is kept");
+    let rejoined = files(&dir, "jtbl");
+    assert_eq!(rejoined.len(), 1, "{rejoined:?}");
+    assert_ne!(rejoined, joint, "the damaged joint file is replaced");
+
+    // The third run reads the joint file: one lookup per row, same decisions.
+    let third = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(third.code, 0, "{}", third.stderr);
+    assert_eq!(requests(&third.log), before, "nothing sent again");
+    assert!(third.report.iter().all(|r| r["status"] == "unchanged"));
+    assert_eq!(
+        files(&dir, "jtbl"),
+        rejoined,
+        "a current joint file is kept"
+    );
 }
 
 /// CloudHumans rows are checked without a payload hash (it never decides

@@ -26,7 +26,7 @@ use crate::phone::E164;
 use crate::record::Chunk;
 use crate::report::Status;
 use crate::sandbox::SandboxOptions;
-use crate::state::{Scope, SinkIndex};
+use crate::state::{Known, Scope};
 
 /// Rows per request group of one sink (the plan). Updated for every row, so
 /// hashbrown's default hasher rather than std's SipHash.
@@ -169,8 +169,8 @@ pub trait Sink: Send + Sync + std::fmt::Debug {
     fn state_scope(&self) -> Scope;
     /// `Some(check)` when the state decides a ready row; `None` to send it.
     /// The default fits idempotent sinks: unchanged payloads are skipped unless `--full`.
-    fn decide(&self, known: &SinkIndex, rerun: Rerun, phone: E164, hash: u64) -> Option<Check> {
-        (!rerun.full && known.delivered(phone) == Some(hash)).then_some(Check::Unchanged)
+    fn decide(&self, known: Known<'_>, rerun: Rerun, _phone: E164, hash: u64) -> Option<Check> {
+        (!rerun.full && known.delivered() == Some(hash)).then_some(Check::Unchanged)
     }
     /// Whether the payload hash takes part in [`Sink::decide`]. When it does
     /// not (CloudHumans: a template goes to a phone at most once, whatever its

@@ -10,7 +10,7 @@
 //! - the merger knows which phones come next, so it can ask for their lines
 //!   ahead ([`PhoneTable::prefetch`]), which no map crate offers;
 //! - the slot array is a plain layout a snapshot file holds as is, so a
-//!   re-run maps it instead of building or copying it ([`MappedSlots`]).
+//!   re-run maps it instead of building or copying it ([`MappedWords`]).
 //!
 //! Memory: 16 bytes per slot at a load between 3/8 and 3/4, like hashbrown.
 
@@ -24,6 +24,19 @@ const PREFETCH_AHEAD: usize = 8;
 /// a mapped snapshot relies on.
 pub type Slot = [u64; 2];
 
+/// Starts loading the cache line holding `at` (only a hint: it changes nothing).
+#[inline]
+pub(super) fn prefetch_line<T>(at: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: a prefetch is a hint; it never faults, and `at` is a valid reference.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((at as *const T).cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
 /// Phone digits (never 0: an E.164 number starts with a country code) → hash.
 #[derive(Debug)]
 pub struct PhoneTable {
@@ -35,7 +48,7 @@ pub struct PhoneTable {
 #[derive(Debug)]
 enum Slots {
     Owned(Box<[Slot]>),
-    Mapped(MappedSlots),
+    Mapped(MappedWords),
 }
 
 impl Deref for Slots {
@@ -43,45 +56,45 @@ impl Deref for Slots {
     fn deref(&self) -> &[Slot] {
         match self {
             Slots::Owned(slots) => slots,
-            Slots::Mapped(mapped) => mapped.slots(),
+            Slots::Mapped(mapped) => mapped.slots::<2>(),
         }
     }
 }
 
-/// Slots read in place from a file mapped into memory (a snapshot,
+/// Words read in place from a file mapped into memory (a snapshot,
 /// `snapshot.rs`). A re-run's three tables are 48 MB: copied into fresh
 /// memory, the kernel first zeroed every page of it — on this project's
 /// benchmark VM, 0.15 s of CPU, more than the copy itself (perf,
 /// BENCHMARKS.md "Fifth pass"). Pages of a mapped file come from the page
 /// cache as they are, with nothing to zero or copy.
-pub struct MappedSlots {
+pub struct MappedWords {
     map: memmap2::Mmap,
-    /// Byte offset of the first slot in `map`.
+    /// Byte offset of the first word in `map`.
     start: usize,
     count: usize,
 }
 
-impl std::fmt::Debug for MappedSlots {
+impl std::fmt::Debug for MappedWords {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MappedSlots({} slots)", self.count)
+        write!(f, "MappedWords({} words)", self.count)
     }
 }
 
-impl MappedSlots {
-    /// `count` slots at byte `start` of `map`, if they lie inside it, 8-byte
-    /// aligned, and the machine reads u64 little-endian (the file's order).
-    pub fn new(map: memmap2::Mmap, start: usize, count: usize) -> Option<MappedSlots> {
-        let end = count.checked_mul(size_of::<Slot>())?.checked_add(start)?;
-        let aligned = (map.as_ptr() as usize + start).is_multiple_of(align_of::<Slot>());
-        (cfg!(target_endian = "little") && end <= map.len() && aligned).then_some(MappedSlots {
+impl MappedWords {
+    /// `count` u64 words at byte `start` of `map`, if they lie inside it,
+    /// 8-byte aligned, and the machine reads u64 little-endian (the file's order).
+    pub fn new(map: memmap2::Mmap, start: usize, count: usize) -> Option<MappedWords> {
+        let end = count.checked_mul(size_of::<u64>())?.checked_add(start)?;
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(align_of::<u64>());
+        (cfg!(target_endian = "little") && end <= map.len() && aligned).then_some(MappedWords {
             map,
             start,
             count,
         })
     }
 
-    pub fn slots(&self) -> &[Slot] {
-        // SAFETY: `new` checked that `count` slots from `start` lie inside the
+    pub fn words(&self) -> &[u64] {
+        // SAFETY: `new` checked that `count` words from `start` lie inside the
         // mapping and are aligned for u64; any bit pattern is a valid u64, and
         // on a little-endian machine the bytes read as the file's words. The
         // mapping is read-only and private, and lives as long as `self`. (A
@@ -89,8 +102,13 @@ impl MappedSlots {
         // lock keeps crm-import itself from ever doing so, and a snapshot file
         // is never rewritten in place.)
         unsafe {
-            std::slice::from_raw_parts(self.map.as_ptr().add(self.start).cast::<Slot>(), self.count)
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.start).cast::<u64>(), self.count)
         }
+    }
+
+    /// The words as slots of `W` words (whole slots only).
+    pub fn slots<const W: usize>(&self) -> &[[u64; W]] {
+        self.words().as_chunks::<W>().0
     }
 }
 
@@ -107,15 +125,28 @@ impl MappedSlots {
 /// table works the same on small pages.
 pub fn empty_slots(n: usize) -> Box<[Slot]> {
     let slots = vec![[0u64; 2]; n].into_boxed_slice();
+    advise_huge_pages(slots.as_ptr().cast(), std::mem::size_of_val(&*slots));
+    slots
+}
+
+/// `n` zero words, advised huge pages like [`empty_slots`] (the joint table's).
+pub fn empty_words(n: usize) -> Box<[u64]> {
+    let words = vec![0u64; n].into_boxed_slice();
+    advise_huge_pages(words.as_ptr().cast(), std::mem::size_of_val(&*words));
+    words
+}
+
+/// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned part of `bytes` bytes at
+/// `start`, a fresh allocation the caller owns (see [`empty_slots`]).
+fn advise_huge_pages(start: *const u8, bytes: usize) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
-        let start = slots.as_ptr() as usize;
-        let end = start + std::mem::size_of_val(&*slots);
+        let (start, end) = (start as usize, start as usize + bytes);
         let (first, last) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
         if last > first {
-            // SAFETY: [first, last) lies inside `slots`, which this function
-            // owns; MADV_HUGEPAGE changes how pages are backed, never their
+            // SAFETY: [first, last) lies inside the caller's allocation;
+            // MADV_HUGEPAGE changes how pages are backed, never their
             // contents, and its failure is harmless (ignored).
             unsafe {
                 libc::madvise(
@@ -126,7 +157,8 @@ pub fn empty_slots(n: usize) -> Box<[Slot]> {
             };
         }
     }
-    slots
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, bytes);
 }
 
 /// Names where this build places phones: the hash of a few fixed phones
@@ -160,7 +192,14 @@ fn find(slots: &[Slot], phone: u64) -> usize {
 /// whose low bits alone would cluster.
 #[inline]
 fn home(slots: &[Slot], phone: u64) -> usize {
-    crate::dedup::hash(phone) as usize & (slots.len() - 1)
+    home_of(phone, slots.len())
+}
+
+/// The home slot of `phone` in a table of `slots` slots (a power of two):
+/// shared with the joint table (`joint.rs`), so both place phones alike.
+#[inline]
+pub(super) fn home_of(phone: u64, slots: usize) -> usize {
+    crate::dedup::hash(phone) as usize & (slots - 1)
 }
 
 impl Default for PhoneTable {
@@ -197,10 +236,11 @@ impl PhoneTable {
     /// the file is the one a build with this [`layout_fingerprint`] wrote
     /// (its checksum), so only the shape is checked here, not every slot —
     /// a walk that cost 45 ms of CPU per re-run (perf, issue 11).
-    pub fn from_mapped(slots: MappedSlots, phones: usize) -> Option<PhoneTable> {
-        let n = slots.count;
-        (n.is_power_of_two() && n >= 8 && phones * 4 <= n * 3).then_some(PhoneTable {
-            slots: Slots::Mapped(slots),
+    pub fn from_mapped(words: MappedWords, phones: usize) -> Option<PhoneTable> {
+        let n = words.count / 2;
+        let whole = words.count.is_multiple_of(2);
+        (whole && n.is_power_of_two() && n >= 8 && phones * 4 <= n * 3).then_some(PhoneTable {
+            slots: Slots::Mapped(words),
             len: phones,
         })
     }
@@ -236,8 +276,8 @@ impl PhoneTable {
     /// The slots, to change: a mapped table is copied into memory first.
     fn owned(&mut self) -> &mut [Slot] {
         if let Slots::Mapped(mapped) = &self.slots {
-            let mut copy = empty_slots(mapped.count);
-            copy.copy_from_slice(mapped.slots());
+            let mut copy = empty_slots(mapped.count / 2);
+            copy.copy_from_slice(mapped.slots::<2>());
             self.slots = Slots::Owned(copy);
         }
         match &mut self.slots {
@@ -259,16 +299,8 @@ impl PhoneTable {
     /// Starts loading the cache line `phone`'s probe begins at, so that a
     /// lookup a few rows later finds it there. Only a hint: it changes nothing.
     pub fn prefetch(&self, phone: u64) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            let slots: &[Slot] = &self.slots;
-            let slot = &slots[home(slots, phone)];
-            // SAFETY: a prefetch is a hint; it never faults, and the address is in bounds.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>((slot as *const Slot).cast::<i8>()) };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = phone;
+        let slots: &[Slot] = &self.slots;
+        prefetch_line(&slots[home(slots, phone)]);
     }
 
     /// The slot holding `phone`, or the empty slot where it would go.
@@ -373,15 +405,19 @@ mod tests {
         let map = || unsafe { memmap2::Mmap::map(file.as_file()).unwrap() };
         let count = table.slots().len();
         assert!(
-            MappedSlots::new(map(), 16, count + 1).is_none(),
+            MappedWords::new(map(), 16, 2 * count + 1).is_none(),
             "past the end"
         );
-        assert!(MappedSlots::new(map(), 12, count).is_none(), "misaligned");
-        let shaped =
-            |phones| PhoneTable::from_mapped(MappedSlots::new(map(), 16, count).unwrap(), phones);
+        assert!(
+            MappedWords::new(map(), 12, 2 * count).is_none(),
+            "misaligned"
+        );
+        let shaped = |phones| {
+            PhoneTable::from_mapped(MappedWords::new(map(), 16, 2 * count).unwrap(), phones)
+        };
         assert!(shaped(count).is_none(), "more than 3/4 full");
         assert!(
-            MappedSlots::new(map(), 16, count - 1)
+            MappedWords::new(map(), 16, 2 * count - 2)
                 .and_then(|m| PhoneTable::from_mapped(m, 1))
                 .is_none(),
             "not a power of two"

@@ -14,6 +14,8 @@
 //!           payload_hash INTEGER, started_at INTEGER,
 //!           PRIMARY KEY (scope_id, phone)) WITHOUT ROWID
 //! snapshots(scope_id INTEGER PRIMARY KEY, slots BLOB)  -- names a cache file of `delivered` (snapshot.rs)
+//! joint_snapshots(scopes TEXT PRIMARY KEY,              -- names a cache file of several scopes' snapshots
+//!                 descriptor BLOB)                      -- in one table (snapshot/joint.rs)
 //! ```
 //!
 //! Scopes are an integer id in the big tables, so that a row costs about 30
@@ -70,8 +72,10 @@ use rusqlite::{Connection, OpenFlags, params};
 use crate::phone::E164;
 
 mod index;
+mod joint;
 mod snapshot;
 pub use index::PhoneTable;
+pub use joint::{JointRow, JointTable};
 
 /// Schema version written in `meta`.
 const SCHEMA_VERSION: &str = "2";
@@ -206,6 +210,108 @@ impl SinkIndex {
     }
 }
 
+/// What the state knows for a run, loaded at start: each sink's index
+/// (config order) and, when the run's scopes have a current joint snapshot,
+/// all their hashes in one [`JointTable`], so that a row is looked up once
+/// instead of once per sink (`joint.rs`).
+#[derive(Debug, Default)]
+pub struct RunIndex {
+    sinks: Vec<SinkIndex>,
+    /// Column `s` is sink `s`. When present, the sinks' own tables are left empty.
+    joint: Option<JointTable>,
+}
+
+impl RunIndex {
+    /// Knows nothing, of no sink.
+    pub const EMPTY: RunIndex = RunIndex {
+        sinks: Vec::new(),
+        joint: None,
+    };
+
+    /// Sink `s`'s index.
+    pub fn sink(&self, s: usize) -> &SinkIndex {
+        &self.sinks[s]
+    }
+
+    /// Whether the run's hashes came from a joint snapshot.
+    pub fn is_joint(&self) -> bool {
+        self.joint.is_some()
+    }
+
+    /// Asks the CPU for `phone`'s entries ahead of a lookup.
+    pub fn prefetch(&self, phone: E164) {
+        match &self.joint {
+            Some(joint) => joint.prefetch(phone.0),
+            None => self.sinks.iter().for_each(|index| index.prefetch(phone)),
+        }
+    }
+
+    /// What the state knows of `phone`: one probe of the joint table when
+    /// there is one; otherwise each sink's table is probed when asked.
+    #[inline]
+    pub fn lookup(&self, phone: E164) -> Lookup<'_> {
+        Lookup {
+            index: self,
+            phone,
+            joint: self.joint.as_ref().and_then(|joint| joint.get(phone.0)),
+        }
+    }
+}
+
+/// What the state knows of one phone, for every sink of the run.
+#[derive(Clone, Copy, Debug)]
+pub struct Lookup<'a> {
+    index: &'a RunIndex,
+    phone: E164,
+    joint: Option<JointRow<'a>>,
+}
+
+impl<'a> Lookup<'a> {
+    /// What sink `s` knows of the phone.
+    #[inline]
+    pub fn for_sink(&self, s: usize) -> Known<'a> {
+        let index = &self.index.sinks[s];
+        let delivered = match self.index.joint {
+            Some(_) => self.joint.and_then(|row| row.delivered(s)),
+            None => index.delivered(self.phone),
+        };
+        Known {
+            delivered,
+            index,
+            phone: self.phone,
+        }
+    }
+}
+
+/// What the state knows of one phone for one sink: what `Sink::decide` reads.
+#[derive(Clone, Copy, Debug)]
+pub struct Known<'a> {
+    delivered: Option<u64>,
+    index: &'a SinkIndex,
+    phone: E164,
+}
+
+impl Known<'_> {
+    /// Nothing known (no state, or a phone never sent to).
+    pub fn nothing(index: &SinkIndex, phone: E164) -> Known<'_> {
+        Known {
+            delivered: None,
+            index,
+            phone,
+        }
+    }
+
+    /// The payload hash last delivered to the phone, if any.
+    pub fn delivered(&self) -> Option<u64> {
+        self.delivered
+    }
+
+    /// When an interrupted run marked the phone in flight, if it did.
+    pub fn in_flight_since(&self) -> Option<i64> {
+        self.index.in_flight_since(self.phone)
+    }
+}
+
 fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -252,6 +358,7 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, StateError> {
         )
         .map_err(|e| err(format!("cannot prepare the schema: {e}")))?;
         conn.execute_batch(snapshot::SCHEMA)
+            .and_then(|()| conn.execute_batch(snapshot::joint::SCHEMA))
             .map_err(|e| err(format!("cannot prepare the schema: {e}")))?;
         upgrade(&conn).map_err(|e| err(format!("cannot upgrade the schema: {e}")))?;
     }
@@ -308,7 +415,7 @@ fn find_scope(conn: &Connection, scope: &Scope, legacy_column: bool) -> Option<i
 }
 
 /// Loads the index of each scope ([`locate`], then [`Located::load`]).
-pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<Vec<SinkIndex>, StateError> {
+pub fn load(path: &Path, scopes: &[Scope], read_only: bool) -> Result<RunIndex, StateError> {
     locate(path, scopes, read_only)?.load()
 }
 
@@ -359,14 +466,16 @@ impl Located {
     /// twice the CPU; then only the rows of a scope without a snapshot are
     /// stepped.) With the run lock held no other run writes meanwhile; the
     /// pipeline runs this beside its first chunks (see `pipeline::run`).
-    pub fn load(&self) -> Result<Vec<SinkIndex>, StateError> {
+    pub fn load(&self) -> Result<RunIndex, StateError> {
         let path = self.path.as_path();
-        std::thread::scope(|threads| {
+        let joint = self.load_joint();
+        let tables = joint.is_none();
+        let sinks = std::thread::scope(|threads| {
             let loading: Vec<_> = self
                 .scopes
                 .iter()
                 .zip(&self.ids)
-                .map(|(scope, &id)| threads.spawn(move || load_one(path, scope, id)))
+                .map(|(scope, &id)| threads.spawn(move || load_one(path, scope, id, tables)))
                 .collect();
             loading
                 .into_iter()
@@ -378,13 +487,41 @@ impl Located {
                         })
                     })
                 })
-                .collect()
-        })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        Ok(RunIndex { sinks, joint })
+    }
+
+    /// The run's joint index, when the state knows every scope of the run
+    /// (two or more) and they have a current joint snapshot.
+    fn load_joint(&self) -> Option<JointTable> {
+        let ids: Vec<i64> = self.ids.iter().copied().collect::<Option<_>>()?;
+        if ids.len() < 2 {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let conn = open(&self.path, true).ok()?;
+        let read = conn.unchecked_transaction().ok()?;
+        let joint = snapshot::joint::read(&read, &snapshot::dir_for(&self.path), &ids);
+        tracing::debug!(
+            contacts = joint.as_ref().map_or(0, JointTable::len),
+            found = joint.is_some(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "joint snapshot"
+        );
+        joint
     }
 }
 
-/// The index of `scope` (stored under `id`, if at all), on its own connection.
-fn load_one(path: &Path, scope: &Scope, id: Option<i64>) -> Result<SinkIndex, StateError> {
+/// The index of `scope` (stored under `id`, if at all), on its own
+/// connection; its `delivered` table only if `tables` (not when a joint
+/// snapshot holds the hashes).
+fn load_one(
+    path: &Path,
+    scope: &Scope,
+    id: Option<i64>,
+    tables: bool,
+) -> Result<SinkIndex, StateError> {
     let Some(id) = id else {
         return Ok(SinkIndex::default());
     };
@@ -396,7 +533,7 @@ fn load_one(path: &Path, scope: &Scope, id: Option<i64>) -> Result<SinkIndex, St
     let conn = open(path, true)?;
     // One read transaction: the scope's snapshot and markers as of one moment.
     let read = conn.unchecked_transaction().map_err(err)?;
-    let index = load_scope(&read, &snapshot::dir_for(path), id).map_err(err)?;
+    let index = load_scope(&read, &snapshot::dir_for(path), id, tables).map_err(err)?;
     tracing::debug!(
         sink = scope.sink,
         contacts = index.delivered_count(),
@@ -407,16 +544,23 @@ fn load_one(path: &Path, scope: &Scope, id: Option<i64>) -> Result<SinkIndex, St
     Ok(index)
 }
 
-/// The index of one scope: from its snapshot when it has one, else from its rows.
-fn load_scope(conn: &Connection, snapshots: &Path, id: i64) -> rusqlite::Result<SinkIndex> {
+/// The index of one scope: its table (if `tables`) from its snapshot when
+/// it has one, else from its rows; its in-flight markers.
+fn load_scope(
+    conn: &Connection,
+    snapshots: &Path,
+    id: i64,
+    tables: bool,
+) -> rusqlite::Result<SinkIndex> {
     let mut index = SinkIndex::default();
-    index.delivered = match snapshot::read(conn, snapshots, id) {
-        Some(table) => {
+    index.delivered = match tables.then(|| snapshot::read(conn, snapshots, id)) {
+        None => PhoneTable::default(),
+        Some(Some(table)) => {
             index.from_snapshot = true;
             table
         }
         // Pairs first (sequential writes), then the table at its final size in one pass.
-        None => PhoneTable::from_pairs(&delivered_rows(conn, id)?),
+        Some(None) => PhoneTable::from_pairs(&delivered_rows(conn, id)?),
     };
     let mut stmt = conn.prepare_cached(
         "SELECT phone, started_at FROM in_flight WHERE scope_id = ?1 ORDER BY phone",
@@ -733,6 +877,11 @@ fn write_loop(
 mod tests {
     use super::*;
 
+    /// What sink `s` of `idx` knows was delivered to `phone`.
+    fn delivered(idx: &RunIndex, s: usize, phone: u64) -> Option<u64> {
+        idx.lookup(E164(phone)).for_sink(s).delivered()
+    }
+
     fn scopes() -> Vec<Scope> {
         vec![
             Scope {
@@ -766,13 +915,13 @@ mod tests {
         assert_eq!(thread.finish().unwrap(), 6);
 
         let idx = load(&path, &scopes(), true).unwrap();
-        assert!(idx[0].from_snapshot() && idx[1].from_snapshot());
-        assert_eq!(idx[0].delivered(E164(5511987654321)), Some(43));
-        assert_eq!(idx[0].delivered(E164(5511900000000)), Some(7));
-        assert_eq!(idx[0].delivered(E164(1)), None);
-        assert!(idx[1].in_flight_since(E164(14155550100)).is_some());
-        assert!(idx[1].in_flight_since(E164(14155550101)).is_none());
-        assert_eq!(idx[1].delivered(E164(14155550101)), Some(9));
+        assert!(idx.is_joint(), "the run's end stored the joint snapshot");
+        assert_eq!(delivered(&idx, 0, 5511987654321), Some(43));
+        assert_eq!(delivered(&idx, 0, 5511900000000), Some(7));
+        assert_eq!(delivered(&idx, 0, 1), None);
+        assert!(idx.sink(1).in_flight_since(E164(14155550100)).is_some());
+        assert!(idx.sink(1).in_flight_since(E164(14155550101)).is_none());
+        assert_eq!(delivered(&idx, 1, 14155550101), Some(9));
         // Scopes are separate.
         let other = load(
             &path,
@@ -784,7 +933,8 @@ mod tests {
             true,
         )
         .unwrap();
-        assert_eq!(other[0].delivered_count(), 0);
+        assert_eq!(other.sink(0).delivered_count(), 0);
+        assert!(!other.is_joint());
     }
 
     /// A snapshot that outlived a change to its rows would hide it: a contact
@@ -801,7 +951,7 @@ mod tests {
         writer.delivered(1, E164(14155550100), 1);
         drop(writer);
         thread.finish().unwrap();
-        assert!(load(&path, &scopes(), true).unwrap()[0].from_snapshot());
+        assert!(load(&path, &scopes(), true).unwrap().is_joint());
 
         // As the README's "Resetting" does, with the sqlite3 shell.
         let conn = Connection::open(&path).unwrap();
@@ -814,27 +964,37 @@ mod tests {
         .unwrap();
         drop(conn);
         let idx = load(&path, &scopes(), true).unwrap();
-        assert!(!idx[0].from_snapshot(), "the changed scope reads its rows");
-        assert!(idx[1].from_snapshot(), "the other scope keeps its snapshot");
-        assert_eq!(idx[0].delivered(E164(5511900000001)), None);
-        assert_eq!(idx[0].delivered(E164(5511900000002)), Some(2));
-        assert_eq!(idx[0].delivered(E164(5511900000003)), Some(1));
+        assert!(
+            !idx.is_joint(),
+            "a member changed: the joint snapshot is stale"
+        );
+        assert!(
+            !idx.sink(0).from_snapshot(),
+            "the changed scope reads its rows"
+        );
+        assert!(
+            idx.sink(1).from_snapshot(),
+            "the other scope keeps its snapshot"
+        );
+        assert_eq!(delivered(&idx, 0, 5511900000001), None);
+        assert_eq!(delivered(&idx, 0, 5511900000002), Some(2));
+        assert_eq!(delivered(&idx, 0, 5511900000003), Some(1));
 
         // The next run that ends stores a fresh one.
         let (writer, thread) = StateWriter::start(&path, scopes()).unwrap();
         drop(writer);
         thread.finish().unwrap();
         let idx = load(&path, &scopes(), true).unwrap();
-        assert!(idx[0].from_snapshot());
-        assert_eq!(idx[0].delivered(E164(5511900000001)), None);
-        assert_eq!(idx[0].delivered(E164(5511900000002)), Some(2));
+        assert!(idx.is_joint());
+        assert_eq!(delivered(&idx, 0, 5511900000001), None);
+        assert_eq!(delivered(&idx, 0, 5511900000002), Some(2));
         // A write by the writer itself drops it too.
         let (writer, thread) = StateWriter::start(&path, scopes()).unwrap();
         writer.delivered(0, E164(5511900000001), 3);
         drop(writer);
         thread.finish().unwrap();
         let idx = load(&path, &scopes(), true).unwrap();
-        assert_eq!(idx[0].delivered(E164(5511900000001)), Some(3));
+        assert_eq!(delivered(&idx, 0, 5511900000001), Some(3));
     }
 
     #[test]
@@ -854,7 +1014,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("none.db");
         let idx = load(&path, &scopes(), true).unwrap();
-        assert_eq!(idx[0].delivered_count(), 0);
+        assert_eq!(idx.sink(0).delivered_count(), 0);
         assert!(!path.exists(), "a dry run never writes the state");
     }
 

@@ -31,7 +31,9 @@ use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::PhoneTable;
-use super::index::{MappedSlots, Slot, layout_fingerprint};
+use super::index::{MappedWords, Slot, layout_fingerprint};
+
+pub(super) mod joint;
 
 /// The descriptors' table and the triggers that drop a descriptor whenever
 /// its rows change. Additive to schema 2: an older build reads and writes the
@@ -158,8 +160,8 @@ pub(super) fn read(conn: &Connection, dir: &Path, scope_id: i64) -> Option<Phone
     if &map[..8] != MAGIC || word(&map[8..16]) != descriptor.nonce {
         return None;
     }
-    let slots = MappedSlots::new(map, HEADER_BYTES, count)?;
-    let (sum, phones) = checksum(slots.slots());
+    let slots = MappedWords::new(map, HEADER_BYTES, count.checked_mul(2)?)?;
+    let (sum, phones) = checksum(slots.slots::<2>());
     if (sum, phones as u64) != (descriptor.checksum, descriptor.phones) {
         return None;
     }
@@ -192,8 +194,9 @@ fn is_current(conn: &Connection, dir: &Path, scope_id: i64) -> bool {
 }
 
 /// Stores a snapshot, from its rows, for each of `scope_ids` without a valid
-/// one (one transaction); removes the files no descriptor names any more.
-/// Returns how many were written.
+/// one, and their joint snapshot (`snapshot/joint.rs`) if it is not current
+/// (one transaction); removes the files no descriptor names any more.
+/// Returns how many files were written.
 ///
 /// A file is complete and on disk (fsync'd) before the transaction that
 /// names it commits; a run killed in between leaves only a file nothing
@@ -216,6 +219,7 @@ pub(super) fn refresh(
             written += 1;
         }
     }
+    written += usize::from(joint::refresh(&tx, dir, scope_ids)?);
     tx.commit()?;
     remove_unnamed(conn, dir)?;
     Ok(written)
@@ -235,18 +239,35 @@ fn descriptor(conn: &Connection, scope_id: i64) -> Option<Descriptor> {
     Descriptor::decode(&bytes)
 }
 
-/// Writes `slots` as scope `scope_id`'s next snapshot file: under a
-/// temporary name, fsync'd, then renamed into place.
+/// Writes `slots` as scope `scope_id`'s next snapshot file.
 fn write(dir: &Path, scope_id: i64, slots: &[Slot]) -> Result<Descriptor, SnapshotError> {
     let (checksum, phones) = checksum(slots);
     let descriptor = Descriptor {
-        nonce: std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), scope_id),
+        nonce: new_nonce(scope_id),
         count: slots.len() as u64,
         phones: phones as u64,
         checksum,
         layout: layout_fingerprint(),
     };
     let name = descriptor.file_name(scope_id);
+    write_file(dir, &name, MAGIC, descriptor.nonce, slots.as_flattened())?;
+    Ok(descriptor)
+}
+
+/// A random nonce, so that every snapshot file has a name of its own.
+fn new_nonce(seed: i64) -> u64 {
+    std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), seed)
+}
+
+/// Writes a snapshot file `name` in `dir`: `magic`, `nonce`, then `words`
+/// little-endian — under a temporary name, fsync'd, then renamed into place.
+fn write_file(
+    dir: &Path,
+    name: &str,
+    magic: &[u8; 8],
+    nonce: u64,
+    words: &[u64],
+) -> Result<(), SnapshotError> {
     let temporary = dir.join(format!(".{name}.tmp"));
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -255,21 +276,19 @@ fn write(dir: &Path, scope_id: i64, slots: &[Slot]) -> Result<Descriptor, Snapsh
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let file = File::create(&temporary).map_err(io(&temporary))?;
     let mut out = BufWriter::with_capacity(PIECE_BYTES, file);
-    out.write_all(MAGIC)
-        .and_then(|_| out.write_all(&descriptor.nonce.to_le_bytes()))
+    out.write_all(magic)
+        .and_then(|_| out.write_all(&nonce.to_le_bytes()))
         .and_then(|_| {
-            slots.iter().try_for_each(|[phone, hash]| {
-                out.write_all(&phone.to_le_bytes())?;
-                out.write_all(&hash.to_le_bytes())
-            })
+            words
+                .iter()
+                .try_for_each(|word| out.write_all(&word.to_le_bytes()))
         })
         .map_err(io(&temporary))?;
     let file = out
         .into_inner()
         .map_err(|e| io(&temporary)(e.into_error()))?;
     file.sync_all().map_err(io(&temporary))?;
-    std::fs::rename(&temporary, dir.join(&name)).map_err(io(&temporary))?;
-    Ok(descriptor)
+    std::fs::rename(&temporary, dir.join(name)).map_err(io(&temporary))
 }
 
 /// Removes the snapshot files (and temporary files) in `dir` that no
@@ -285,12 +304,16 @@ fn remove_unnamed(conn: &Connection, dir: &Path) -> Result<(), SnapshotError> {
             named.insert(descriptor.file_name(id));
         }
     }
+    named.extend(joint::named_files(conn)?);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(()); // No directory: nothing to remove.
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = name.ends_with(".tbl") || (name.starts_with('.') && name.ends_with(".tbl.tmp"));
+        let snapshot = name.ends_with(".tbl") || name.ends_with(".jtbl");
+        let temporary =
+            name.starts_with('.') && (name.ends_with(".tbl.tmp") || name.ends_with(".jtbl.tmp"));
+        let ours = snapshot || temporary;
         if ours && !named.contains(&name) {
             let path = entry.path();
             std::fs::remove_file(&path).map_err(|source| SnapshotError::Io { path, source })?;
@@ -303,15 +326,33 @@ fn remove_unnamed(conn: &Connection, dir: &Path) -> Result<(), SnapshotError> {
 /// catches a file that is not the one written (torn by a power loss, edited,
 /// or copied from another state) at memory speed, a few additions per slot.
 /// Not a defence against anyone forging a file on purpose, which the state's
-/// own file would not resist either.
-fn checksum(slots: &[Slot]) -> (u64, usize) {
+/// own file would not resist either. A slot's first word is its key, the
+/// others hashes; for two-word slots these are the sums every snapshot file
+/// written so far carries.
+fn checksum<const W: usize>(slots: &[[u64; W]]) -> (u64, usize) {
     let (mut sum, mut sum_of_sums, mut phones) = (0u64, 0u64, 0usize);
-    for [phone, hash] in slots {
-        sum = sum.wrapping_add(*phone).wrapping_add(hash.rotate_left(29));
+    for slot in slots {
+        sum = sum.wrapping_add(slot[0]);
+        for hash in &slot[1..] {
+            sum = sum.wrapping_add(hash.rotate_left(29));
+        }
         sum_of_sums = sum_of_sums.wrapping_add(sum);
-        phones += usize::from(*phone != 0);
+        phones += usize::from(slot[0] != 0);
     }
     (sum ^ sum_of_sums.rotate_left(32), phones)
+}
+
+/// [`checksum`] of `words` read as slots of `stride` words (a power of two
+/// up to 16: a slot's size is fixed at compile time, so that the loop over
+/// 32 MB of slots stays a few additions each); `None` for another stride.
+fn checksum_of_words(words: &[u64], stride: usize) -> Option<(u64, usize)> {
+    match stride {
+        2 => Some(checksum(words.as_chunks::<2>().0)),
+        4 => Some(checksum(words.as_chunks::<4>().0)),
+        8 => Some(checksum(words.as_chunks::<8>().0)),
+        16 => Some(checksum(words.as_chunks::<16>().0)),
+        _ => None,
+    }
 }
 
 fn word(bytes: &[u8]) -> u64 {
@@ -331,6 +372,7 @@ mod tests {
         )
         .unwrap();
         conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(joint::SCHEMA).unwrap();
         for &(phone, hash) in pairs {
             conn.execute(
                 "INSERT INTO delivered VALUES (1, ?1, ?2)",
@@ -462,7 +504,9 @@ mod tests {
         .unwrap();
         std::fs::write(dir.join(".1-00000000000000bb.tbl.tmp"), b"a killed write").unwrap();
         std::fs::write(dir.join("notes.txt"), b"not ours").unwrap();
-        assert_eq!(refresh(&mut conn, dir, &[1, 2]).unwrap(), 2);
+        std::fs::write(dir.join("joint-00000000000000cc.jtbl"), b"a stale joint").unwrap();
+        // Two scopes and their joint snapshot.
+        assert_eq!(refresh(&mut conn, dir, &[1, 2]).unwrap(), 3);
         assert_eq!(
             refresh(&mut conn, dir, &[1, 2]).unwrap(),
             0,
@@ -471,22 +515,34 @@ mod tests {
         assert_eq!(read(&conn, dir, 1).unwrap().get(5511987654321), Some(9));
         assert_eq!(read(&conn, dir, 2).unwrap().get(5511987654322), Some(8));
         let two = descriptor(&conn, 2).unwrap().file_name(2);
+        let joint = joint::named_files(&conn).unwrap();
+        assert_eq!(joint.len(), 1);
         let mut expected = [file_of(&conn, dir), dir.join(&two), dir.join("notes.txt")]
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .chain(joint.clone())
             .collect::<Vec<_>>();
         expected.sort();
         assert_eq!(names_in(dir), expected);
 
-        // A file gone (a state copied without its directory): written again.
+        // A file gone (a state copied without its directory): written again,
+        // and the joint snapshot built on the old one too.
         std::fs::remove_file(file_of(&conn, dir)).unwrap();
-        assert_eq!(refresh(&mut conn, dir, &[1, 2]).unwrap(), 1);
+        assert_eq!(refresh(&mut conn, dir, &[1, 2]).unwrap(), 2);
         assert!(read(&conn, dir, 1).is_some());
-        // Rows changed: the trigger drops the descriptor, refresh the old file.
+        assert!(
+            !dir.join(&joint[0]).exists(),
+            "the stale joint file is removed"
+        );
+        // Rows changed: the trigger drops the descriptor, refresh the old
+        // file, and the joint snapshot it belonged to.
         let old = file_of(&conn, dir);
+        let joint = joint::named_files(&conn).unwrap();
         conn.execute("DELETE FROM delivered WHERE scope_id = 1", [])
             .unwrap();
         assert_eq!(refresh(&mut conn, dir, &[2]).unwrap(), 0);
         assert!(!old.exists(), "the stale file is removed");
+        assert!(!dir.join(&joint[0]).exists(), "and the stale joint file");
+        assert!(joint::named_files(&conn).unwrap().is_empty());
     }
 }

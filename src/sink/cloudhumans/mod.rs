@@ -23,7 +23,7 @@ use crate::config::{ColumnUse, ConfigError};
 use crate::phone::E164;
 use crate::report::Status;
 use crate::sandbox::SandboxOptions;
-use crate::state::{PayloadHasher, Scope, SinkIndex};
+use crate::state::{Known, PayloadHasher, Scope};
 
 /// The registry entry.
 pub const PLATFORM: Platform = Platform {
@@ -110,12 +110,12 @@ impl Sink for CloudHumans {
 
     /// Sent before → `unchanged` (whatever the variables); in flight when a run
     /// died → `unknown`, never resent unless asked.
-    fn decide(&self, known: &SinkIndex, rerun: Rerun, phone: E164, _hash: u64) -> Option<Check> {
-        if !rerun.resend_messages && known.delivered(phone).is_some() {
+    fn decide(&self, known: Known<'_>, rerun: Rerun, _phone: E164, _hash: u64) -> Option<Check> {
+        if !rerun.resend_messages && known.delivered().is_some() {
             return Some(Check::Unchanged);
         }
         if !rerun.resend_unknown
-            && let Some(since) = known.in_flight_since(phone)
+            && let Some(since) = known.in_flight_since()
         {
             return Some(Check::Unknown(
                 format!(
