@@ -321,26 +321,22 @@ impl PhoneTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// A table's slots are advised huge pages (`hg` in the mapping's
-    /// `VmFlags`); a kernel without transparent huge pages, or one that shows
-    /// no mapping flags, has nothing to check.
+    /// The `VmFlags` of the mapping holding address `inside`, from
+    /// `/proc/self/smaps`; `None` where the kernel has no transparent huge
+    /// pages or shows no mapping flags (nothing to check there).
     #[cfg(target_os = "linux")]
-    #[test]
-    fn large_tables_ask_for_huge_pages() {
+    pub(in crate::state) fn vm_flags_at(inside: usize) -> Option<Vec<String>> {
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
-            return;
+            return None;
         }
-        let slots = empty_slots(1 << 20);
-        let inside = slots.as_ptr() as usize + (8 << 20);
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
         if !smaps.contains("VmFlags:") {
-            return; // A kernel (or sandbox) that does not show mapping flags.
+            return None;
         }
         let mut in_mapping = false;
-        let mut flags = None;
         for line in smaps.lines() {
             if let Some((range, _)) = line.split_once(' ')
                 && let Some((start, end)) = range.split_once('-')
@@ -351,15 +347,22 @@ mod tests {
             {
                 in_mapping = (start..end).contains(&inside);
             } else if in_mapping && let Some(rest) = line.strip_prefix("VmFlags:") {
-                flags = Some(rest.to_owned());
+                return Some(rest.split_whitespace().map(str::to_owned).collect());
             }
         }
-        let flags = flags.expect("the table's mapping is in /proc/self/smaps");
-        assert!(
-            flags.split_whitespace().any(|f| f == "hg"),
-            "VmFlags:{flags}"
-        );
+        panic!("no mapping holds {inside:#x} in /proc/self/smaps");
     }
+
+    /// A table's slots are advised huge pages (`hg` in the mapping's `VmFlags`).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn large_tables_ask_for_huge_pages() {
+        let slots = empty_slots(1 << 20);
+        if let Some(flags) = vm_flags_at(slots.as_ptr() as usize + (8 << 20)) {
+            assert!(flags.iter().any(|f| f == "hg"), "VmFlags: {flags:?}");
+        }
+    }
+
     use proptest::prelude::*;
 
     proptest! {

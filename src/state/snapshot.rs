@@ -58,8 +58,10 @@ const MAGIC: &[u8; 8] = b"CRMTBL02";
 /// A file's header: `MAGIC`, then its nonce; the slots follow, 8-byte aligned.
 const HEADER_BYTES: usize = 16;
 
-/// Bytes written at a time.
-const PIECE_BYTES: usize = 64 * 1024;
+/// Bytes written at a time: 2 MiB, the size of a huge page, so that the
+/// page cache holds the file in 2 MiB folios, which [`map_whole`] can map
+/// with 2 MiB entries (ext4 sizes a buffered write's folio by the write).
+const PIECE_BYTES: usize = 2 << 20;
 
 /// The directory of a state file's snapshots: `<state>.snapshots`.
 pub(super) fn dir_for(state: &Path) -> PathBuf {
@@ -151,12 +153,7 @@ pub(super) fn read(conn: &Connection, dir: &Path, scope_id: i64) -> Option<Phone
     if file.metadata().ok()?.len() != descriptor.file_bytes()? {
         return None;
     }
-    // SAFETY: a read-only, private mapping. crm-import never changes a
-    // snapshot file once it is renamed into place (each snapshot has a name
-    // of its own), and removing a mapped file leaves the mapping intact: only
-    // another program truncating the file during the run could fault a read.
-    // `populate`: one call maps every page, instead of a fault per 64 KiB.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.ok()?;
+    let map = map_whole(&file)?;
     if &map[..8] != MAGIC || word(&map[8..16]) != descriptor.nonce {
         return None;
     }
@@ -168,6 +165,36 @@ pub(super) fn read(conn: &Connection, dir: &Path, scope_id: i64) -> Option<Phone
     let table = PhoneTable::from_mapped(slots, phones)?;
     verified().insert(path);
     Some(table)
+}
+
+/// Maps a snapshot file read-only, every page in place.
+///
+/// Lookups land on random slots: on 4 KiB pages nearly each one also missed
+/// the TLB and paid a page walk (a virtual machine's are the dearest). The
+/// file's page cache comes in 2 MiB folios when this build wrote it
+/// (`PIECE_BYTES`), or, once it left the cache, when `MADV_HUGEPAGE` asks the
+/// fault's readahead for them; the kernel then maps it with 2 MiB entries.
+/// On the benchmark VM (kernel 6.18, ext4) smaps showed `FilePmdMapped:
+/// 32768 kB` of the 32 MiB joint file, against 0 for a file written 64 KiB at
+/// a time, and the merger's extra perf samples on a re-run fell from ≈ 240
+/// to ≈ 60 (BENCHMARKS.md "Seventh pass"). Hints only: refused, the file
+/// maps on small pages as before.
+pub(super) fn map_whole(file: &File) -> Option<memmap2::Mmap> {
+    // SAFETY (both mappings): read-only. crm-import never changes a snapshot
+    // file once it is renamed into place (each snapshot has a name of its
+    // own), and removing a mapped file leaves the mapping intact: only
+    // another program truncating the file during the run could fault a read.
+    #[cfg(target_os = "linux")]
+    {
+        let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
+        let _ = map.advise(memmap2::Advice::HugePage);
+        // One call maps every page, instead of a fault per 64 KiB. A kernel
+        // before 5.14 lacks it: map again, populated at once.
+        if map.advise(memmap2::Advice::PopulateRead).is_ok() {
+            return Some(map);
+        }
+    }
+    unsafe { memmap2::MmapOptions::new().populate().map(file) }.ok()
 }
 
 /// The snapshot files this process has read whole ([`read`]): when the run
@@ -461,6 +488,21 @@ mod tests {
         assert!(read(&conn, dir, 1).is_none(), "missing file");
         let bare = Connection::open_in_memory().unwrap();
         assert!(read(&bare, dir, 1).is_none(), "no table");
+    }
+
+    /// A snapshot file is mapped with huge pages asked for (see `map_whole`).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_snapshot_file_is_mapped_asking_for_huge_pages() {
+        let pairs: Vec<_> = (1..=5000u64).map(|p| (5511900000000 + p, p)).collect();
+        let (mut conn, dir) = state_with(&pairs);
+        refresh(&mut conn, dir.path(), &[1]).unwrap();
+        let file = File::open(file_of(&conn, dir.path())).unwrap();
+        let map = map_whole(&file).expect("mapped");
+        let flags = crate::state::index::tests::vm_flags_at(map.as_ptr() as usize);
+        if let Some(flags) = flags {
+            assert!(flags.iter().any(|f| f == "hg"), "VmFlags: {flags:?}");
+        }
     }
 
     /// What a run's load read whole, its end keeps without a second pass

@@ -134,9 +134,7 @@ pub(in crate::state) fn read(
     if file.metadata().ok()?.len() != descriptor.file_bytes()? {
         return None;
     }
-    // SAFETY: as in `snapshot::read`: a read-only, private mapping of a file
-    // crm-import never changes once it is in place.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.ok()?;
+    let map = super::map_whole(&file)?;
     if &map[..8] != MAGIC || word(&map[8..16]) != descriptor.nonce {
         return None;
     }
