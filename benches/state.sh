@@ -83,6 +83,11 @@ unique, size, snapshots = int("$unique"), $bytes, $snapshots
 print(f"populate (real run, 3 sinks, unthrottled sandbox): {pop_s:.1f} s, peak {pop_kb/1024:.0f} MB, {$after_populate} requests")
 print(f"dry run median {dry:.2f} s ({$RUNS} runs: ${dry[*]}); unchanged re-run median {rerun:.2f} s (${rerun[*]}); ratio {rerun/dry:.2f}x; re-run peak RSS {$rss/1024:.0f} MB")
 print(f"stateless dry run median {$stateless_m:.2f} s (${stateless[*]}); re-run / stateless dry run {rerun/$stateless_m:.2f}x")
+# Runs alternate, so each round's ratio compares runs made seconds apart: its
+# median follows this VM's slow drifts of speed less than a ratio of medians.
+import statistics
+rounds = list(zip([$(IFS=,; echo "${rerun[*]}")], [$(IFS=,; echo "${stateless[*]}")], [$(IFS=,; echo "${dry[*]}")]))
+print(f"per-round ratios, median: re-run / stateless dry run {statistics.median(r / s for r, s, _ in rounds):.2f}x, re-run / dry run {statistics.median(r / d for r, _, d in rounds):.2f}x")
 print(f"requests made by the {$RUNS} re-runs: {$after_reruns - $after_populate}")
 print(f"state: {size/1e6:.1f} MB for {unique} contacts x 3 sinks = {size/unique:.0f} bytes per contact ({size/unique/3:.0f} per contact and sink)")
 print(f"snapshot files beside it: {snapshots/1e6:.1f} MB, {snapshots/unique:.0f} bytes per contact; both: {(size+snapshots)/unique:.0f} bytes per contact")

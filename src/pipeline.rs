@@ -863,6 +863,12 @@ fn normalize_worker(
 
 /// Fills each pending row's [`Outcome`] and returns the sinks' checks (`rows × sinks`).
 /// `hashing[s]`: whether sink `s` needs payload hashes (see [`Sink::check`]).
+///
+/// Sink by sink over the chunk's rows, not row by row over the sinks: a
+/// payload hash is a chain of dependent multiplications (≈ 33 for a Weni
+/// row), and with one sink's checks back to back the CPU runs the next row's
+/// chain beside the last one's, where a row's phone parsing in between kept
+/// them apart (BENCHMARKS.md "Seventh pass").
 pub fn normalize_chunk(
     stages: &Stages,
     hashing: &[bool],
@@ -870,47 +876,58 @@ pub fn normalize_chunk(
     chunk: &mut Chunk,
 ) -> Vec<Check> {
     let sinks = stages.sinks.len();
-    let layout = &stages.layout;
     let mut checks = vec![Check::Ready { group: 0, hash: 0 }; chunk.len() * sinks];
+    let mut normalized = Vec::with_capacity(chunk.len());
     for i in 0..chunk.len() {
         if !matches!(chunk.rows[i].outcome, Outcome::Pending) {
             continue;
         }
-        let region = layout.country.map(|c| chunk.cell(i, c));
-        let mut first_non_empty = None;
-        let mut first_reason = None;
-        let mut found = None;
-        for (k, &column) in layout.phones.iter().enumerate() {
-            let raw = chunk.cell(i, column);
-            if crate::record::trim(raw).is_empty() {
-                continue;
-            }
-            first_non_empty.get_or_insert(k as u8);
-            match normalizer.normalize(raw, region) {
-                Ok(phone) => {
-                    found = Some((k as u8, phone));
-                    break;
-                }
-                Err(reason) => {
-                    first_reason.get_or_insert(reason);
-                }
-            }
+        chunk.rows[i].outcome = normalize_row(&stages.layout, normalizer, chunk, i);
+        if let Outcome::Unique { phone, .. } = chunk.rows[i].outcome {
+            normalized.push((i, phone));
         }
-        chunk.rows[i].outcome = match found {
-            Some((raw_column, phone)) => {
-                let row = RowView { chunk, index: i };
-                for (s, sink) in stages.sinks.iter().enumerate() {
-                    checks[i * sinks + s] = sink.check(row, phone, hashing[s]);
-                }
-                Outcome::Unique { raw_column, phone }
-            }
-            None => Outcome::InvalidPhone {
-                raw_column: first_non_empty,
-                reason: first_reason.unwrap_or(crate::phone::InvalidReason::Empty),
-            },
-        };
+    }
+    for (s, sink) in stages.sinks.iter().enumerate() {
+        for &(i, phone) in &normalized {
+            let row = RowView { chunk, index: i };
+            checks[i * sinks + s] = sink.check(row, phone, hashing[s]);
+        }
     }
     checks
+}
+
+/// Row `i`'s outcome from its phone columns: the first that normalizes, else invalid.
+fn normalize_row(
+    layout: &Layout,
+    normalizer: &mut PhoneNormalizer,
+    chunk: &Chunk,
+    i: usize,
+) -> Outcome {
+    let region = layout.country.map(|c| chunk.cell(i, c));
+    let mut first_non_empty = None;
+    let mut first_reason = None;
+    for (k, &column) in layout.phones.iter().enumerate() {
+        let raw = chunk.cell(i, column);
+        if crate::record::trim(raw).is_empty() {
+            continue;
+        }
+        first_non_empty.get_or_insert(k as u8);
+        match normalizer.normalize(raw, region) {
+            Ok(phone) => {
+                return Outcome::Unique {
+                    raw_column: k as u8,
+                    phone,
+                };
+            }
+            Err(reason) => {
+                first_reason.get_or_insert(reason);
+            }
+        }
+    }
+    Outcome::InvalidPhone {
+        raw_column: first_non_empty,
+        reason: first_reason.unwrap_or(crate::phone::InvalidReason::Empty),
+    }
 }
 
 /// The merger: back in input order, dedup, the state, the caps, the hand-off to the lanes.

@@ -60,7 +60,9 @@
 //! - Lookups never hit SQLite per row: at start each sink's `(phone, hash)`
 //!   pairs for its scope are loaded into a [`PhoneTable`] (`index.rs`), from
 //!   the scope's snapshot when it has a valid one (`snapshot.rs`), else from
-//!   its rows.
+//!   its rows — or, when the run's scopes have a current joint snapshot
+//!   (`snapshot/joint.rs`), all of them at once into one [`JointTable`]
+//!   (`joint.rs`): one lookup per row instead of one per sink.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
