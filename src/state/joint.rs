@@ -82,18 +82,29 @@ impl JointTable {
     /// The joint table of `tables` (column `c` from `tables[c]`), or `None`
     /// for fewer than two tables (nothing to join) or more than [`MAX_COLUMNS`].
     pub fn from_tables(tables: &[&PhoneTable]) -> Option<JointTable> {
-        let columns = tables.len();
-        if !(2..=MAX_COLUMNS).contains(&columns) {
-            return None;
-        }
         let largest = tables.iter().map(|t| t.len()).max().unwrap_or(0);
-        let mut joint = JointTable::empty(columns, slots_for(largest));
+        let mut joint = JointTable::with_capacity(tables.len(), largest)?;
         for (column, table) in tables.iter().enumerate() {
-            for &[phone, hash] in table.slots().iter().filter(|[p, _]| *p != 0) {
-                joint.insert(phone, column, hash);
-            }
+            joint.fill_column(column, table);
         }
         Some(joint)
+    }
+
+    /// An empty table of `columns` columns (2 to [`MAX_COLUMNS`]) sized for
+    /// `phones` phones; it grows past them. Filled a column at a time
+    /// ([`JointTable::fill_column`]), so that only one scope's table need be
+    /// in memory beside it.
+    pub fn with_capacity(columns: usize, phones: usize) -> Option<JointTable> {
+        (2..=MAX_COLUMNS)
+            .contains(&columns)
+            .then(|| JointTable::empty(columns, slots_for(phones)))
+    }
+
+    /// Sets `column`'s hashes from `table`.
+    pub fn fill_column(&mut self, column: usize, table: &PhoneTable) {
+        for &[phone, hash] in table.slots().iter().filter(|[p, _]| *p != 0) {
+            self.insert(phone, column, hash);
+        }
     }
 
     /// The table whose words are mapped from a file, holding `phones`

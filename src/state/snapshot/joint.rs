@@ -17,7 +17,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{PhoneTable, SnapshotError, checksum_of_words, verified, word, write_file};
+use super::{SnapshotError, checksum_of_words, verified, word, write_file};
 use crate::state::index::{MappedWords, layout_fingerprint};
 use crate::state::joint::{JointTable, MAX_COLUMNS};
 
@@ -188,22 +188,25 @@ pub(super) fn refresh(
 }
 
 fn write(conn: &Connection, dir: &Path, scope_ids: &[i64]) -> Result<bool, SnapshotError> {
-    let members: Option<Vec<(u64, PhoneTable)>> = scope_ids
+    let members: Option<Vec<super::Descriptor>> = scope_ids
         .iter()
-        .map(|&id| {
-            Some((
-                super::descriptor(conn, id)?.nonce,
-                super::read(conn, dir, id)?,
-            ))
-        })
+        .map(|&id| super::descriptor(conn, id))
         .collect();
     let Some(members) = members else {
         return Ok(false); // A member without a snapshot: nothing to build from.
     };
-    let tables: Vec<&PhoneTable> = members.iter().map(|(_, table)| table).collect();
-    let Some(joint) = JointTable::from_tables(&tables) else {
+    let largest = members.iter().map(|d| d.phones).max().unwrap_or(0);
+    let Some(mut joint) = JointTable::with_capacity(members.len(), largest as usize) else {
         return Ok(false);
     };
+    // One member's table mapped at a time: a run's end peaks at the joint
+    // table plus one scope's, not all of them.
+    for (column, &id) in scope_ids.iter().enumerate() {
+        let Some(table) = super::read(conn, dir, id) else {
+            return Ok(false);
+        };
+        joint.fill_column(column, &table);
+    }
     let stride = JointTable::stride_for(joint.columns());
     let (checksum, phones) =
         checksum_of_words(joint.words(), stride).expect("a joint table's stride is 2 to 16");
@@ -214,7 +217,7 @@ fn write(conn: &Connection, dir: &Path, scope_ids: &[i64]) -> Result<bool, Snaps
         phones: phones as u64,
         checksum,
         layout: layout_fingerprint(),
-        members: members.iter().map(|(nonce, _)| *nonce).collect(),
+        members: members.iter().map(|d| d.nonce).collect(),
     };
     write_file(
         dir,
