@@ -195,7 +195,7 @@ type LaneOf = (Arc<Lane>, Arc<dyn Sink>);
 /// What the state says about rows, and which flags override it.
 struct Incremental {
     /// The indexes' load, started beside the reader: a re-run's tens of ms of
-    /// mapping and checksumming three snapshots then overlap the first
+    /// mapping and checksumming its snapshots then overlap the first
     /// chunks' parsing instead of delaying them. Only the merger waits for it.
     loaded: Receiver<Result<RunIndex, StateError>>,
     /// What was delivered before, once loaded.

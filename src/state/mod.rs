@@ -305,15 +305,6 @@ pub struct Known<'a> {
 }
 
 impl Known<'_> {
-    /// Nothing known (no state, or a phone never sent to).
-    pub fn nothing(index: &SinkIndex, phone: E164) -> Known<'_> {
-        Known {
-            delivered: None,
-            index,
-            phone,
-        }
-    }
-
     /// The payload hash last delivered to the phone, if any.
     pub fn delivered(&self) -> Option<u64> {
         self.delivered
