@@ -40,23 +40,40 @@ pub(super) fn prefetch_line<T>(at: &T) {
 /// Phone digits (never 0: an E.164 number starts with a country code) → hash.
 #[derive(Debug)]
 pub struct PhoneTable {
-    slots: Slots,
+    /// The slots' words, two per slot.
+    slots: Words,
     len: usize,
 }
 
-/// Where a table's slots live.
+/// Where a table's words live (this one's and the joint table's).
 #[derive(Debug)]
-enum Slots {
-    Owned(Box<[Slot]>),
+pub(super) enum Words {
+    Owned(Box<[u64]>),
     Mapped(MappedWords),
 }
 
-impl Deref for Slots {
-    type Target = [Slot];
-    fn deref(&self) -> &[Slot] {
+impl Deref for Words {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
         match self {
-            Slots::Owned(slots) => slots,
-            Slots::Mapped(mapped) => mapped.slots::<2>(),
+            Words::Owned(words) => words,
+            Words::Mapped(mapped) => mapped.words(),
+        }
+    }
+}
+
+impl Words {
+    /// The words, to change: mapped ones are copied into memory first (the
+    /// file stays as it was).
+    pub(super) fn owned_mut(&mut self) -> &mut [u64] {
+        if let Words::Mapped(mapped) = self {
+            let mut copy = empty_words(mapped.words().len());
+            copy.copy_from_slice(mapped.words());
+            *self = Words::Owned(copy);
+        }
+        match self {
+            Words::Owned(words) => words,
+            Words::Mapped(_) => unreachable!("copied just above"),
         }
     }
 }
@@ -112,7 +129,7 @@ impl MappedWords {
     }
 }
 
-/// `n` empty slots, in memory the kernel is asked to back with 2 MiB pages.
+/// `n` zero words, in memory the kernel is asked to back with 2 MiB pages.
 ///
 /// A re-run without snapshots looks each row up in three tables of 16 MiB:
 /// 4,096 small pages each, far more than the TLB holds, so lookups pay page
@@ -123,13 +140,6 @@ impl MappedWords {
 /// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned part of the fresh, still
 /// untouched allocation. Only advice: where it is refused or unknown, the
 /// table works the same on small pages.
-pub fn empty_slots(n: usize) -> Box<[Slot]> {
-    let slots = vec![[0u64; 2]; n].into_boxed_slice();
-    advise_huge_pages(slots.as_ptr().cast(), std::mem::size_of_val(&*slots));
-    slots
-}
-
-/// `n` zero words, advised huge pages like [`empty_slots`] (the joint table's).
 pub fn empty_words(n: usize) -> Box<[u64]> {
     let words = vec![0u64; n].into_boxed_slice();
     advise_huge_pages(words.as_ptr().cast(), std::mem::size_of_val(&*words));
@@ -137,7 +147,7 @@ pub fn empty_words(n: usize) -> Box<[u64]> {
 }
 
 /// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned part of `bytes` bytes at
-/// `start`, a fresh allocation the caller owns (see [`empty_slots`]).
+/// `start`, a fresh allocation the caller owns (see [`empty_words`]).
 fn advise_huge_pages(start: *const u8, bytes: usize) {
     #[cfg(target_os = "linux")]
     {
@@ -213,7 +223,7 @@ impl PhoneTable {
     pub fn with_capacity(n: usize) -> PhoneTable {
         let slots = (n + n / 3 + 1).next_power_of_two().max(8);
         PhoneTable {
-            slots: Slots::Owned(empty_slots(slots)),
+            slots: Words::Owned(empty_words(slots * 2)),
             len: 0,
         }
     }
@@ -240,14 +250,14 @@ impl PhoneTable {
         let n = words.count / 2;
         let whole = words.count.is_multiple_of(2);
         (whole && n.is_power_of_two() && n >= 8 && phones * 4 <= n * 3).then_some(PhoneTable {
-            slots: Slots::Mapped(words),
+            slots: Words::Mapped(words),
             len: phones,
         })
     }
 
     /// The slots, `[0, 0]` where empty: what a snapshot file holds.
     pub fn slots(&self) -> &[Slot] {
-        &self.slots
+        self.slots.as_chunks::<2>().0
     }
 
     pub fn len(&self) -> usize {
@@ -263,11 +273,11 @@ impl PhoneTable {
         if phone == 0 {
             return;
         }
-        if (self.len + 1) * 4 > self.slots.len() * 3 {
+        if (self.len + 1) * 4 > self.slots().len() * 3 {
             self.grow();
         }
         let slot = self.find(phone);
-        if self.slots[slot][0] == 0 {
+        if self.slots()[slot][0] == 0 {
             self.len += 1;
         }
         self.owned()[slot] = [phone, hash];
@@ -275,15 +285,7 @@ impl PhoneTable {
 
     /// The slots, to change: a mapped table is copied into memory first.
     fn owned(&mut self) -> &mut [Slot] {
-        if let Slots::Mapped(mapped) = &self.slots {
-            let mut copy = empty_slots(mapped.count / 2);
-            copy.copy_from_slice(mapped.slots::<2>());
-            self.slots = Slots::Owned(copy);
-        }
-        match &mut self.slots {
-            Slots::Owned(slots) => slots,
-            Slots::Mapped(_) => unreachable!("copied just above"),
-        }
+        self.slots.owned_mut().as_chunks_mut::<2>().0
     }
 
     /// `phone`'s hash, if it is in the table. Inlined into the merger's loop:
@@ -291,7 +293,7 @@ impl PhoneTable {
     /// ≈ 350 (3 runs each, builds without LTO; BENCHMARKS.md "Fifth pass").
     #[inline]
     pub fn get(&self, phone: u64) -> Option<u64> {
-        let slots: &[Slot] = &self.slots;
+        let slots = self.slots();
         let [key, hash] = slots[find(slots, phone)];
         (key == phone && phone != 0).then_some(hash)
     }
@@ -299,20 +301,20 @@ impl PhoneTable {
     /// Starts loading the cache line `phone`'s probe begins at, so that a
     /// lookup a few rows later finds it there. Only a hint: it changes nothing.
     pub fn prefetch(&self, phone: u64) {
-        let slots: &[Slot] = &self.slots;
+        let slots = self.slots();
         prefetch_line(&slots[home(slots, phone)]);
     }
 
     /// The slot holding `phone`, or the empty slot where it would go.
     fn find(&self, phone: u64) -> usize {
-        find(&self.slots, phone)
+        find(self.slots(), phone)
     }
 
     fn grow(&mut self) {
-        let doubled = Slots::Owned(empty_slots(self.slots.len() * 2));
+        let doubled = Words::Owned(empty_words(self.slots.len() * 2));
         let old = std::mem::replace(&mut self.slots, doubled);
         self.len = 0;
-        for [phone, hash] in old.iter().copied().filter(|&[p, _]| p != 0) {
+        for &[phone, hash] in old.as_chunks::<2>().0.iter().filter(|[p, _]| *p != 0) {
             let slot = self.find(phone);
             self.owned()[slot] = [phone, hash];
             self.len += 1;
@@ -357,8 +359,8 @@ pub(super) mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn large_tables_ask_for_huge_pages() {
-        let slots = empty_slots(1 << 20);
-        if let Some(flags) = vm_flags_at(slots.as_ptr() as usize + (8 << 20)) {
+        let words = empty_words(2 << 20);
+        if let Some(flags) = vm_flags_at(words.as_ptr() as usize + (8 << 20)) {
             assert!(flags.iter().any(|f| f == "hg"), "VmFlags: {flags:?}");
         }
     }
@@ -427,12 +429,12 @@ pub(super) mod tests {
         );
         let mut mapped = shaped(table.len()).expect("its own slots");
         assert_eq!(mapped.len(), 1000);
-        assert!(matches!(mapped.slots, Slots::Mapped(_)));
+        assert!(matches!(mapped.slots, Words::Mapped(_)));
         assert_eq!(mapped.slots(), table.slots());
         assert_eq!(mapped.get(7919 * 500), Some(500));
         mapped.insert(7919 * 500, 42);
         mapped.insert(3, 4);
-        assert!(matches!(mapped.slots, Slots::Owned(_)));
+        assert!(matches!(mapped.slots, Words::Owned(_)));
         assert_eq!((mapped.get(7919 * 500), mapped.get(3)), (Some(42), Some(4)));
         assert_eq!(
             std::fs::read(file.path()).unwrap(),
@@ -468,14 +470,14 @@ pub(super) mod tests {
         for n in [0usize, 1, 5, 6, 7, 1000, 775_689] {
             let table = PhoneTable::with_capacity(n);
             assert!(
-                n * 4 <= table.slots.len() * 3,
+                n * 4 <= table.slots().len() * 3,
                 "{n} phones overfill {}",
-                table.slots.len()
+                table.slots().len()
             );
             assert!(
-                table.slots.len() <= (2 * n).max(8) * 2,
+                table.slots().len() <= (2 * n).max(8) * 2,
                 "{n} phones get {} slots",
-                table.slots.len()
+                table.slots().len()
             );
         }
     }

@@ -18,10 +18,8 @@
 //! Phones are placed as in [`PhoneTable`]: home slot from `dedup::hash`,
 //! then linear probing; an all-zero key is an empty slot.
 
-use std::ops::Deref;
-
 use super::PhoneTable;
-use super::index::{MappedWords, empty_words, home_of, prefetch_line};
+use super::index::{MappedWords, Words, empty_words, home_of, prefetch_line};
 
 /// Bits of a key that hold the phone.
 const PHONE_BITS: u32 = 50;
@@ -38,23 +36,6 @@ pub struct JointTable {
     stride: usize,
     /// Phones held.
     len: usize,
-}
-
-/// Where a table's words live.
-#[derive(Debug)]
-enum Words {
-    Owned(Box<[u64]>),
-    Mapped(MappedWords),
-}
-
-impl Deref for Words {
-    type Target = [u64];
-    fn deref(&self) -> &[u64] {
-        match self {
-            Words::Owned(words) => words,
-            Words::Mapped(mapped) => mapped.words(),
-        }
-    }
 }
 
 /// What a joint table holds for one phone.
@@ -208,9 +189,7 @@ impl JointTable {
             self.grow();
         }
         let at = self.find(phone);
-        let Words::Owned(words) = &mut self.words else {
-            unreachable!("only built tables are inserted into");
-        };
+        let words = self.words.owned_mut();
         if words[at] == 0 {
             words[at] = phone;
             self.len += 1;
@@ -223,10 +202,7 @@ impl JointTable {
         let mut bigger = JointTable::empty(self.columns, self.slot_count() * 2);
         for slot in self.words.chunks_exact(self.stride).filter(|s| s[0] != 0) {
             let at = bigger.find(slot[0] & PHONE_MASK);
-            let Words::Owned(words) = &mut bigger.words else {
-                unreachable!("just built");
-            };
-            words[at..at + self.stride].copy_from_slice(slot);
+            bigger.words.owned_mut()[at..at + self.stride].copy_from_slice(slot);
             bigger.len += 1;
         }
         *self = bigger;
