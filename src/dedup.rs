@@ -62,11 +62,27 @@ impl Entry {
 /// The set of numbers seen so far in this run.
 pub struct Dedup {
     shards: Vec<HashTable<Entry>>,
+    /// The phones the state's joint table holds, deduped by their slot there.
+    known: KnownSlots,
     /// Global ordinal of each source's first row (sources in run order).
     source_starts: Vec<u64>,
     /// Next global ordinal to hand out.
     next_ordinal: u64,
     current_source: Option<u32>,
+}
+
+/// Phones a re-run's state already holds, by their slot in its joint table
+/// ([`crate::state::JointTable`]): a bit per slot for "seen this run", which
+/// stays in the L2 cache (128 KB for a million slots), and the ordinal of the
+/// phone's first row, written once and read back only for a duplicate. Why:
+/// on a re-run every row's phone is looked up in the joint table anyway, and
+/// a second random probe per row into a hash set of every phone was the
+/// re-run's one cost that grows with cache pressure (issue 11, eighth pass).
+#[derive(Default)]
+struct KnownSlots {
+    seen: Vec<u64>,
+    first: Vec<u64>,
+    len: usize,
 }
 
 impl Default for Dedup {
@@ -79,10 +95,38 @@ impl Dedup {
     pub fn new() -> Dedup {
         Dedup {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
+            known: KnownSlots::default(),
             source_starts: Vec::new(),
             next_ordinal: 0,
             current_source: None,
         }
+    }
+
+    /// Lets [`Dedup::check_known`] dedup the phones of a joint table of
+    /// `slots` slots by slot. Call it before any of them is checked.
+    pub fn know_slots(&mut self, slots: usize) {
+        self.known = KnownSlots {
+            seen: vec![0; slots.div_ceil(64)],
+            first: vec![0; slots],
+            len: 0,
+        };
+    }
+
+    /// [`Dedup::check`] for a phone the joint table holds at `slot`: a phone
+    /// must always come with the same slot, or always without one.
+    pub fn check_known(&mut self, slot: usize, phone: E164, at: Position) -> Option<Position> {
+        if slot >= self.known.first.len() {
+            return self.check(phone, at);
+        }
+        let ordinal = self.ordinal_of(at);
+        let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+        if self.known.seen[word] & bit != 0 {
+            return Some(self.position_of(self.known.first[slot]));
+        }
+        self.known.seen[word] |= bit;
+        self.known.first[slot] = ordinal;
+        self.known.len += 1;
+        None
     }
 
     /// Records `phone` seen at `at` (rows must come in input order). Returns
@@ -92,17 +136,7 @@ impl Dedup {
             phone.0 < 1 << PHONE_BITS,
             "E.164 numbers have at most 17 digits"
         );
-        if self.current_source != Some(at.source) {
-            // Sources arrive in order; a new one starts its ordinals after the last row handed out.
-            while self.source_starts.len() <= at.source as usize {
-                self.source_starts.push(self.next_ordinal);
-            }
-            self.current_source = Some(at.source);
-        }
-        let start = self.source_starts[at.source as usize];
-        let ordinal = start + at.row - 1;
-        self.next_ordinal = self.next_ordinal.max(ordinal + 1);
-        debug_assert!(ordinal < 1 << ORDINAL_BITS);
+        let ordinal = self.ordinal_of(at);
         let h = hash(phone.0);
         let table = &mut self.shards[shard_of(h)];
         if let Some(first) = table.find(h, |e| e.phone() == phone.0) {
@@ -125,6 +159,22 @@ impl Dedup {
         }
     }
 
+    /// The run-wide ordinal of the row at `at`.
+    fn ordinal_of(&mut self, at: Position) -> u64 {
+        if self.current_source != Some(at.source) {
+            // Sources arrive in order; a new one starts its ordinals after the last row handed out.
+            while self.source_starts.len() <= at.source as usize {
+                self.source_starts.push(self.next_ordinal);
+            }
+            self.current_source = Some(at.source);
+        }
+        let start = self.source_starts[at.source as usize];
+        let ordinal = start + at.row - 1;
+        self.next_ordinal = self.next_ordinal.max(ordinal + 1);
+        debug_assert!(ordinal < 1 << ORDINAL_BITS);
+        ordinal
+    }
+
     fn position_of(&self, ordinal: u64) -> Position {
         let source = self
             .source_starts
@@ -138,11 +188,11 @@ impl Dedup {
 
     /// Number of unique phones.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(HashTable::len).sum()
+        self.known.len + self.shards.iter().map(HashTable::len).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.shards.iter().all(HashTable::is_empty)
+        self.len() == 0
     }
 
     /// Bytes the tables hold (buckets and control bytes).
@@ -219,6 +269,35 @@ mod tests {
             let e = Entry::new(phone, ordinal);
             prop_assert_eq!(e.phone(), phone);
             prop_assert_eq!(e.ordinal(), ordinal);
+        }
+
+        /// Phones with a slot (as the state's joint table gives them) and
+        /// phones without one, mixed and across sources, get the answers the
+        /// hash set alone gives, and the same count.
+        #[test]
+        fn known_slots_agree_with_the_hash_set(
+            rows in proptest::collection::vec((0u64..60, 0u32..3), 1..300),
+            slots in 1usize..40,
+        ) {
+            // An even phone p is known at slot p / 2 (one slot per phone, as
+            // a table gives; past `slots` it falls back to the set), an odd
+            // one is not known.
+            let slot_of = |p: u64| p.is_multiple_of(2).then_some(p as usize / 2);
+            let (mut plain, mut mixed) = (Dedup::new(), Dedup::new());
+            mixed.know_slots(slots);
+            let mut rows = rows;
+            rows.sort_by_key(|&(_, source)| source);
+            for (i, &(p, source)) in rows.iter().enumerate() {
+                let position = at(source, i as u64 + 1);
+                let phone = E164(5_511_900_000_000 + p);
+                let expected = plain.check(phone, position);
+                let got = match slot_of(p) {
+                    Some(slot) => mixed.check_known(slot, phone, position),
+                    None => mixed.check(phone, position),
+                };
+                prop_assert_eq!(got, expected);
+            }
+            prop_assert_eq!(mixed.len(), plain.len());
         }
 
         #[test]

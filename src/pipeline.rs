@@ -967,6 +967,7 @@ impl<'a> Merger<'a> {
     ) -> Result<(Vec<SinkPlan>, u64), RunError> {
         let mut pending: BTreeMap<u64, Checked> = BTreeMap::new();
         self.state = self.run.incremental.wait_collecting(&rx, &mut pending)?;
+        self.dedup.know_slots(self.state.joint_slots());
         let mut next = 0u64;
         let mut input = rx.iter();
         loop {
@@ -1030,7 +1031,12 @@ impl<'a> Merger<'a> {
                 source: chunk.source,
                 row: chunk.rows[i].row,
             };
-            if let Some(first) = self.dedup.check(phone, at) {
+            let known = state.lookup(phone);
+            let first = match known.joint_slot() {
+                Some(slot) => self.dedup.check_known(slot, phone, at),
+                None => self.dedup.check(phone, at),
+            };
+            if let Some(first) = first {
                 chunk.rows[i].outcome = Outcome::Duplicate {
                     raw_column,
                     phone,
@@ -1038,7 +1044,6 @@ impl<'a> Merger<'a> {
                 };
                 continue;
             }
-            let known = state.lookup(phone);
             for s in 0..sinks {
                 let check = &mut checked.checks[i * sinks + s];
                 let row = RowView { chunk, index: i };

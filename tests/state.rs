@@ -165,6 +165,77 @@ fn a_rerun_with_damaged_or_missing_snapshot_files_sends_nothing_and_rewrites_the
     );
 }
 
+/// A re-run through the joint file dedups the phones it holds by their slot
+/// there, and new phones in the run's own set: either way, every repeat of a
+/// phone must be reported as a duplicate of the phone's first row, and every
+/// first row must not.
+#[test]
+fn a_rerun_through_the_joint_file_reports_duplicates_of_known_and_new_phones() {
+    let rig = Rig::new(sandbox_options());
+    let known = phones(40);
+    rig.input(&known);
+    let first = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let dir = rig.path("crm-import-state.db.snapshots");
+    let joint_files = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "jtbl")
+        })
+        .count();
+    assert_eq!(joint_files, 1, "the second run has a joint file to read");
+
+    // Known phones again, some repeated in another format; new phones, some twice.
+    let new_phone = |k: u64| format!("+55 11 {}", 9_7000_0000 + k);
+    let mut rows = known.clone();
+    rows.push(("+55 11 960000021".into(), "gold".into())); // row 4's phone
+    rows.push((new_phone(1), "gold".into()));
+    rows.push(known[0].clone());
+    rows.push((new_phone(2), "silver".into()));
+    rows.push((format!("5511{}", 9_7000_0001), "silver".into())); // new phone 1 again
+    rows.push(("(11) 96000-0021".into(), "silver".into())); // row 4's phone again
+    rows.push((new_phone(2), "gold".into()));
+    let n = rig.input(&rows);
+    let second = rig.run(&config("", "", ""), [TOKEN; 3]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_invariant(&second.report, &SINKS, &[("in.csv", n)]);
+
+    // In input order: a sent row's lines come when its request ends.
+    let mut in_order: Vec<_> = second.report.iter().collect();
+    in_order.sort_by_key(|r| r["row"].parse::<u64>().unwrap());
+    let mut first_row_of: HashMap<String, String> = HashMap::new();
+    let mut duplicates = 0;
+    for r in in_order {
+        let first_row = first_row_of
+            .entry(r["phone_e164"].clone())
+            .or_insert_with(|| r["row"].clone());
+        if *first_row == r["row"] {
+            assert_ne!(r["status"], "duplicate", "{r:?}");
+        } else {
+            duplicates += 1;
+            assert_eq!(r["status"], "duplicate", "{r:?}");
+            assert_eq!(
+                r["detail"],
+                format!("duplicate of in.csv:{first_row}"),
+                "{r:?}"
+            );
+        }
+    }
+    assert_eq!(
+        duplicates, 5,
+        "two repeats of row 4's phone, one of row 1's, two of new phones"
+    );
+    let unique = second.stderr.lines().find(|l| l.contains("unique phones"));
+    assert!(
+        unique.is_some_and(|l| l.contains("42 unique phones")),
+        "40 known and 2 new phones: {unique:?}"
+    );
+}
+
 /// CloudHumans rows are checked without a payload hash (it never decides
 /// them); the rows it sends must still be recorded with their own hash, as
 /// every earlier build recorded them, not with 0.

@@ -43,9 +43,16 @@ pub struct JointTable {
 pub struct JointRow<'a> {
     key: u64,
     hashes: &'a [u64],
+    slot: usize,
 }
 
 impl JointRow<'_> {
+    /// The phone's slot: its own for the table's life (see `Dedup::check_known`).
+    #[inline]
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
     /// The hash `column`'s scope last delivered, if it delivered to this phone.
     #[inline]
     pub fn delivered(&self, column: usize) -> Option<u64> {
@@ -136,7 +143,7 @@ impl JointTable {
         self.len == 0
     }
 
-    fn slot_count(&self) -> usize {
+    pub(super) fn slot_count(&self) -> usize {
         self.words.len() / self.stride
     }
 
@@ -167,6 +174,7 @@ impl JointTable {
         (key != 0).then(|| JointRow {
             key,
             hashes: &self.words[at + 1..at + 1 + self.columns],
+            slot: at / self.stride,
         })
     }
 

@@ -251,6 +251,12 @@ impl RunIndex {
         self.joint.is_some()
     }
 
+    /// How many slots the joint table has (0 without one): each phone it
+    /// holds comes with its slot ([`Lookup::joint_slot`]).
+    pub fn joint_slots(&self) -> usize {
+        self.joint.as_ref().map_or(0, JointTable::slot_count)
+    }
+
     /// Asks the CPU for `phone`'s entries ahead of a lookup.
     pub fn prefetch(&self, phone: E164) {
         match &self.joint {
@@ -280,6 +286,12 @@ pub struct Lookup<'a> {
 }
 
 impl<'a> Lookup<'a> {
+    /// The phone's slot in the joint table, if the table holds it.
+    #[inline]
+    pub fn joint_slot(&self) -> Option<usize> {
+        self.joint.map(|row| row.slot())
+    }
+
     /// What sink `s` knows of the phone.
     #[inline]
     pub fn for_sink(&self, s: usize) -> Known<'a> {
