@@ -69,6 +69,9 @@ impl JointTable {
 
     /// The joint table of `tables` (column `c` from `tables[c]`), or `None`
     /// for fewer than two tables (nothing to join) or more than [`MAX_COLUMNS`].
+    /// Tests only: the run's end fills a column at a time instead, with one
+    /// member's table mapped at once (`snapshot/joint.rs`).
+    #[cfg(test)]
     pub fn from_tables(tables: &[&PhoneTable]) -> Option<JointTable> {
         let largest = tables.iter().map(|t| t.len()).max().unwrap_or(0);
         let mut joint = JointTable::with_capacity(tables.len(), largest)?;

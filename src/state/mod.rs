@@ -246,7 +246,8 @@ impl RunIndex {
         &self.sinks[s]
     }
 
-    /// Whether the run's hashes came from a joint snapshot.
+    /// Whether the run's hashes came from a joint snapshot (for tests).
+    #[cfg(test)]
     pub fn is_joint(&self) -> bool {
         self.joint.is_some()
     }
