@@ -21,6 +21,7 @@
 //!   (`sink::lane`: a queue spilling to disk, so each sink goes at its own pace);
 //!   the shared HTTP transport (`sink::http`).
 //! - [`state`]: what was delivered (SQLite), and the lock of one run per state file.
+//! - [`recycle`]: buffers handed back between stages, so chunks reuse their memory.
 //! - [`render`]: a merged chunk → its report rows, encoded on worker threads.
 //! - [`report`]: the per-record report, the single accountant of rows.
 //! - [`shutdown`]: the one stop signal (SIGTERM/SIGINT, `--max-duration`, failures).
@@ -36,6 +37,7 @@ pub mod phone;
 pub mod pipeline;
 pub mod progress;
 pub mod record;
+pub mod recycle;
 pub mod render;
 pub mod report;
 pub mod sandbox;

@@ -39,6 +39,7 @@ use crate::dedup::Dedup;
 use crate::phone::{E164, PhoneNormalizer};
 use crate::progress::{Progress, ReadMeter, SinkMeter};
 use crate::record::{Chunk, Layout, MAX_CHUNK_BYTES, Outcome, Position};
+use crate::recycle::Recycler;
 use crate::render::{ChunkReport, Rendered};
 use crate::report::{Counts, Encoding, Report, ReportError, ReportRow};
 use crate::sandbox::{SANDBOX_TOKEN, Sandbox, SandboxOptions};
@@ -169,6 +170,49 @@ pub struct Checked {
     chunk: Chunk,
     checks: Vec<Check>,
 }
+
+/// The buffers a chunk's journey hands back to its start (see [`crate::recycle`]).
+#[derive(Clone)]
+struct Recyclers {
+    /// From the render workers (or the Parquet report) to the reader.
+    chunks: Recycler<Chunk>,
+    /// With them, to the normalizers.
+    checks: Recycler<Vec<Check>>,
+    /// From the report thread to the render workers.
+    report_bytes: Recycler<Vec<u8>>,
+}
+
+impl Recyclers {
+    /// Room for `idle` idle buffers of each kind.
+    fn new(idle: usize) -> Recyclers {
+        Recyclers {
+            chunks: Recycler::new(idle),
+            checks: Recycler::new(idle),
+            report_bytes: Recycler::new(idle),
+        }
+    }
+
+    /// Hands back a chunk whose report rows are written or rendered. One that
+    /// grew past [`RECYCLED_BYTES_MAX`] (rows of huge cells) is freed instead.
+    fn give_checked(&self, checked: Checked) {
+        if checked.chunk.text_capacity() <= RECYCLED_BYTES_MAX {
+            self.chunks.give(checked.chunk);
+        }
+        self.checks.give(checked.checks);
+    }
+
+    /// Hands back a chunk's report bytes once written (freed if huge).
+    fn give_report_bytes(&self, bytes: Vec<u8>) {
+        if bytes.capacity() <= RECYCLED_BYTES_MAX {
+            self.report_bytes.give(bytes);
+        }
+    }
+}
+
+/// The largest text or report buffer kept for reuse: a typical chunk's are
+/// 0.2–0.6 MB, and one grown by a few huge cells (up to [`MAX_CHUNK_BYTES`])
+/// should not stay allocated for the rest of the run.
+const RECYCLED_BYTES_MAX: usize = 2 << 20;
 
 /// What the report thread receives: merged chunks, rendered (text reports) or
 /// not (Parquet), and per-sink rows from the lanes.
@@ -419,28 +463,38 @@ impl Run<'_> {
         std::thread::scope(|scope| {
             let shutdown = self.shutdown.clone();
             let encoding = report.encoding();
+            let renderers = match encoding {
+                Some(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                None => 1,
+            };
+            // Idle buffers for every chunk the report channel and the renderers hold.
+            let recyclers = Recyclers::new(CHANNEL_CHUNKS + renderers);
+            let returned = recyclers.clone();
             let report_thread = scope.spawn(move || {
-                let counts = write_report(report, self.stages, self.options.dry_run, report_rx);
+                let counts = write_report(
+                    report,
+                    self.stages,
+                    self.options.dry_run,
+                    report_rx,
+                    &returned,
+                );
                 if let Err(e) = &counts {
                     shutdown.stop(StopReason::Failure(e.to_string()));
                 }
                 counts
             });
             let (merged_tx, merged_rx) = bounded::<Checked>(CHANNEL_CHUNKS);
-            let renderers = match encoding {
-                Some(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
-                None => 1,
-            };
             let names: Arc<[Arc<str>]> = files.iter().map(|f| Arc::from(f.name.as_str())).collect();
             for _ in 0..renderers {
                 let (merged_rx, report_tx) = (merged_rx.clone(), report_tx.clone());
-                let names = names.clone();
+                let (names, recyclers) = (names.clone(), recyclers.clone());
                 scope.spawn(move || {
-                    self.render_worker(encoding, &names, merged_rx, report_tx);
+                    self.render_worker(encoding, &names, &recyclers, merged_rx, report_tx);
                 });
             }
             drop(merged_rx);
-            let (merged, input_rows) = self.read_and_merge(scope, files, read, &lanes, merged_tx);
+            let (merged, input_rows) =
+                self.read_and_merge(scope, files, read, &lanes, merged_tx, &recyclers);
             drop(report_tx);
             self.finish_lanes(&lanes, deliveries, &merged);
             let sinks = lanes
@@ -505,6 +559,7 @@ impl Run<'_> {
         read: &'s ReadMeter,
         lanes: &[LaneOf],
         merged_tx: Sender<Checked>,
+        recyclers: &Recyclers,
     ) -> (Result<(Vec<SinkPlan>, u64), RunError>, u64) {
         let (raw_tx, raw_rx) = bounded::<Result<Chunk, SourceError>>(CHANNEL_CHUNKS);
         let (checked_tx, checked_rx) = bounded::<Result<Checked, SourceError>>(CHANNEL_CHUNKS * 2);
@@ -514,19 +569,24 @@ impl Run<'_> {
             false => 0,
         };
         let (permits_tx, permits_rx) = bounded::<()>(IN_FLIGHT_CHUNKS + ahead);
+        let chunks = recyclers.chunks.clone();
         let reader = scope.spawn(move || {
             let reader = ChunkReader {
                 stages: self.stages,
                 shutdown: self.shutdown,
                 read,
                 permits: permits_tx,
+                chunks,
             };
             reader.read_all(files, raw_tx)
         });
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         for _ in 0..workers {
             let (raw_rx, checked_tx) = (raw_rx.clone(), checked_tx.clone());
-            scope.spawn(move || normalize_worker(self.stages, self.hashing, raw_rx, checked_tx));
+            let checks = recyclers.checks.clone();
+            scope.spawn(move || {
+                normalize_worker(self.stages, self.hashing, &checks, raw_rx, checked_tx)
+            });
         }
         drop((raw_rx, checked_tx));
         let mut merger = Merger::new(self, lanes);
@@ -546,6 +606,7 @@ impl Run<'_> {
         &self,
         encoding: Option<Encoding>,
         source_names: &[Arc<str>],
+        recyclers: &Recyclers,
         rx: Receiver<Checked>,
         tx: Sender<ReportMsg>,
     ) {
@@ -558,11 +619,13 @@ impl Run<'_> {
         };
         for checked in rx {
             let message = match encoding {
-                Some(encoding) => ReportMsg::Rendered(chunk_report.render(
-                    encoding,
-                    &checked.chunk,
-                    &checked.checks,
-                )),
+                Some(encoding) => {
+                    let bytes = recyclers.report_bytes.take_empty();
+                    let rendered =
+                        chunk_report.render(encoding, &checked.chunk, &checked.checks, bytes);
+                    recyclers.give_checked(checked);
+                    ReportMsg::Rendered(rendered)
+                }
                 None => ReportMsg::Chunk(checked),
             };
             if tx.send(message).is_err() {
@@ -780,6 +843,8 @@ struct ChunkReader<'a> {
     read: &'a ReadMeter,
     /// A place must be free here before a chunk is sent (see `IN_FLIGHT_CHUNKS`).
     permits: Sender<()>,
+    /// Chunks whose rows are reported, to fill again.
+    chunks: Recycler<Chunk>,
 }
 
 impl ChunkReader<'_> {
@@ -810,7 +875,14 @@ impl ChunkReader<'_> {
                 if self.shutdown.stops_reading() {
                     return rows;
                 }
-                let mut chunk = Chunk::new(seq, index as u32, name.clone(), layout.columns.len());
+                let (width, source) = (layout.columns.len(), index as u32);
+                let mut chunk = match self.chunks.take() {
+                    Some(mut chunk) => {
+                        chunk.reset(seq, source, name.clone(), width);
+                        chunk
+                    }
+                    None => Chunk::new(seq, source, name.clone(), width),
+                };
                 chunk.reserve(CHUNK_ROWS, text_hint);
                 let filled = reader.fill(&mut chunk, CHUNK_ROWS);
                 text_hint = (chunk.text_len() + chunk.text_len() / 8).min(MAX_CHUNK_BYTES);
@@ -846,13 +918,15 @@ impl ChunkReader<'_> {
 fn normalize_worker(
     stages: &Stages,
     hashing: &[bool],
+    recycled: &Recycler<Vec<Check>>,
     rx: Receiver<Result<Chunk, SourceError>>,
     tx: Sender<Result<Checked, SourceError>>,
 ) {
     let mut normalizer = PhoneNormalizer::new(stages.input.default_region.clone());
     for message in rx {
         let out = message.map(|mut chunk| {
-            let checks = normalize_chunk(stages, hashing, &mut normalizer, &mut chunk);
+            let checks = recycled.take_empty();
+            let checks = normalize_chunk(stages, hashing, &mut normalizer, &mut chunk, checks);
             Checked { chunk, checks }
         });
         if tx.send(out).is_err() {
@@ -861,7 +935,8 @@ fn normalize_worker(
     }
 }
 
-/// Fills each pending row's [`Outcome`] and returns the sinks' checks (`rows × sinks`).
+/// Fills each pending row's [`Outcome`] and returns the sinks' checks (`rows × sinks`),
+/// in `checks` (emptied first: a recycled buffer).
 /// `hashing[s]`: whether sink `s` needs payload hashes (see [`Sink::check`]).
 ///
 /// Sink by sink over the chunk's rows, not row by row over the sinks: a
@@ -874,9 +949,11 @@ pub fn normalize_chunk(
     hashing: &[bool],
     normalizer: &mut PhoneNormalizer,
     chunk: &mut Chunk,
+    mut checks: Vec<Check>,
 ) -> Vec<Check> {
     let sinks = stages.sinks.len();
-    let mut checks = vec![Check::Ready { group: 0, hash: 0 }; chunk.len() * sinks];
+    checks.clear();
+    checks.resize(chunk.len() * sinks, Check::Ready { group: 0, hash: 0 });
     let mut normalized = Vec::with_capacity(chunk.len());
     for i in 0..chunk.len() {
         if !matches!(chunk.rows[i].outcome, Outcome::Pending) {
@@ -1127,6 +1204,7 @@ fn write_report(
     stages: &Stages,
     dry_run: bool,
     rx: Receiver<ReportMsg>,
+    recyclers: &Recyclers,
 ) -> Result<Counts, ReportError> {
     let kinds: Vec<SinkKind> = stages.sinks.iter().map(|s| s.kind()).collect();
     let mut source_names: Vec<Arc<str>> = Vec::new();
@@ -1160,7 +1238,8 @@ fn write_report(
             next_seq += 1;
             match message {
                 ReportMsg::Rendered(rendered) => {
-                    report.write_encoded(&rendered.bytes, &rendered.counts)?
+                    report.write_encoded(&rendered.bytes, &rendered.counts)?;
+                    recyclers.give_report_bytes(rendered.bytes);
                 }
                 ReportMsg::Chunk(checked) => {
                     let chunk = &checked.chunk;
@@ -1175,6 +1254,7 @@ fn write_report(
                         source_names: &source_names,
                     };
                     chunk_report.write(&mut report, chunk, &checked.checks)?;
+                    recyclers.give_checked(checked);
                 }
                 ReportMsg::Rows(_) => {}
             }

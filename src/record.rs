@@ -97,6 +97,18 @@ impl Chunk {
         }
     }
 
+    /// Empties a chunk for the next rows, keeping its allocations (a chunk
+    /// handed back by the render workers, see [`crate::recycle`]).
+    pub fn reset(&mut self, seq: u64, source: u32, source_name: Arc<str>, width: usize) {
+        self.seq = seq;
+        self.source = source;
+        self.source_name = source_name;
+        self.width = width;
+        self.text.clear();
+        self.spans.clear();
+        self.rows.clear();
+    }
+
     /// Reserves room for `rows` rows and `text_bytes` of cell text up front:
     /// readers pass the previous chunk's size, so filling never reallocates.
     pub fn reserve(&mut self, rows: usize, text_bytes: usize) {
@@ -107,6 +119,11 @@ impl Chunk {
 
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// Bytes of cell text it has room for without growing.
+    pub fn text_capacity(&self) -> usize {
+        self.text.capacity()
     }
 
     /// Bytes of cell text held (readers stop filling past [`MAX_CHUNK_BYTES`]).
@@ -212,6 +229,24 @@ mod tests {
         assert_eq!(c.cell(1, 0), "yy");
         assert_eq!(c.cell(1, 1), "");
         assert!(matches!(c.rows[1].outcome, Outcome::Malformed(_)));
+    }
+
+    #[test]
+    fn a_reset_chunk_holds_only_its_new_rows() {
+        let mut c = Chunk::new(3, 0, "a.csv".into(), 2);
+        c.begin_row(1);
+        c.push_cell("old");
+        c.push_cell("row");
+        c.finish_malformed("was malformed".into());
+        c.reset(4, 1, "b.csv".into(), 1);
+        assert!(c.is_empty());
+        assert_eq!(c.text_len(), 0);
+        c.begin_row(7);
+        c.push_cell("new");
+        assert_eq!((c.seq, c.source, &*c.source_name), (4, 1, "b.csv"));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.cell(0, 0), "new");
+        assert_eq!(c.rows[0].outcome, Outcome::Pending);
     }
 
     #[test]

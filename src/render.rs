@@ -58,12 +58,22 @@ pub struct ChunkReport<'a> {
 }
 
 impl ChunkReport<'_> {
-    /// The chunk's rows, encoded off the report thread.
-    pub fn render(&self, encoding: Encoding, chunk: &Chunk, checks: &[Check]) -> Rendered {
+    /// The chunk's rows, encoded off the report thread into `bytes` (emptied
+    /// first: a buffer the report thread handed back, see [`crate::recycle`]).
+    pub fn render(
+        &self,
+        encoding: Encoding,
+        chunk: &Chunk,
+        checks: &[Check],
+        mut bytes: Vec<u8>,
+    ) -> Rendered {
+        bytes.clear();
+        // ≈ 2.5 rows of ≈ 100 bytes per input row: one allocation per chunk
+        // (none for a recycled buffer, which keeps what it grew to).
+        bytes.reserve(chunk.len() * 256);
         let mut buffer = Buffer {
             encoder: RowEncoder::new(encoding),
-            // ≈ 2.5 rows of ≈ 100 bytes per input row: one allocation per chunk.
-            bytes: Vec::with_capacity(chunk.len() * 256),
+            bytes,
             counts: ChunkCounts::new(self.kinds.len()),
         };
         // A buffer cannot fail.

@@ -314,6 +314,128 @@ fn wrong_field_count_is_malformed_and_the_run_continues() {
     assert_eq!(out.status("a.csv", 2), "dry_run");
 }
 
+/// A Parquet report's rows as column → text (empty for null), like [`read_report`].
+fn read_parquet_report(path: &Path) -> Vec<HashMap<String, String>> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let schema = batch.schema();
+        let columns: Vec<_> = batch
+            .columns()
+            .iter()
+            .map(|c| arrow_cast::cast(c, &arrow_schema::DataType::Utf8).unwrap())
+            .collect();
+        for i in 0..batch.num_rows() {
+            let row = schema.fields().iter().zip(&columns).map(|(field, column)| {
+                let text = column
+                    .as_any()
+                    .downcast_ref::<arrow_array::StringArray>()
+                    .unwrap();
+                let value = if arrow_array::Array::is_null(text, i) {
+                    ""
+                } else {
+                    text.value(i)
+                };
+                (field.name().clone(), value.to_owned())
+            });
+            rows.push(row.collect());
+        }
+    }
+    rows
+}
+
+/// Row `n` of the big input of [`chunks_reused_across_inputs_report_only_their_own_rows`]:
+/// its CSV line and what its report rows must say.
+fn varied_row(n: u64) -> (String, &'static str, String, String) {
+    let phone = format!("+55 11 98{:03}-{:04}", n / 10_000, n % 10_000);
+    let e164 = format!("+551198{:03}{:04}", n / 10_000, n % 10_000);
+    // Names of 1 to 60 bytes, so consecutive chunks hold different amounts of text.
+    let name = "x".repeat(1 + (n as usize * 7) % 60);
+    match n {
+        // A malformed row's cells are not read: no id either.
+        _ if n.is_multiple_of(97) => (
+            format!("{n},{name},{phone}\n"),
+            "malformed",
+            String::new(),
+            String::new(),
+        ),
+        _ if n.is_multiple_of(13) => (
+            format!("{n},{name},12-{n},,BR,gold\n"),
+            "invalid_phone",
+            String::new(),
+            n.to_string(),
+        ),
+        _ => (
+            format!("{n},{name},{phone},,BR,plan{}\n", n % 5),
+            "dry_run",
+            e164,
+            n.to_string(),
+        ),
+    }
+}
+
+/// The pipeline hands each chunk, its checks and its rendered report bytes
+/// back to be filled again (`recycle.rs`). A recycled buffer that kept a row
+/// of the chunk before would put another row's id, phone or status in the
+/// report: every row here differs from its neighbours, over ≈ 12 chunks of
+/// two inputs, through both report paths (CSV rendered on the workers,
+/// Parquet written on the report thread).
+#[test]
+fn chunks_reused_across_inputs_report_only_their_own_rows() {
+    let case = Case::new();
+    let rows = 12_000u64;
+    let mut big = String::from("id,first_name,phone,mobile,country,plan\n");
+    for n in 1..=rows {
+        big.push_str(&varied_row(n).0);
+    }
+    case.write("big.csv", big.as_bytes());
+    // Duplicates of big.csv's rows 1 and 11,998, then a new number.
+    case.write(
+        "small.csv",
+        b"id,first_name,phone,mobile,country,plan\ns1,Ana,+55 11 98000-0001,,BR,gold\n\
+s2,Bia,+55 11 98001-1998,,BR,gold\ns3,Caio,+55 11 99999-0000,,BR,gold\n",
+    );
+    for report in ["report.csv", "report.parquet"] {
+        let out = case.run(&["big.csv", "small.csv", "--report", report]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let out = if report == "report.csv" {
+            out
+        } else {
+            Output {
+                report: read_parquet_report(&case.path(report)),
+                ..out
+            }
+        };
+        out.assert_invariant(
+            &["chatfuel", "weni"],
+            &[("big.csv", rows), ("small.csv", 3)],
+        );
+        // Every input row is there (the invariant); each says what its own row holds.
+        for r in out.report.iter().filter(|r| r["source"] == "big.csv") {
+            let n: u64 = r["row"].parse().unwrap();
+            let (_, status, e164, id) = varied_row(n);
+            assert_eq!(r["record_id"], id, "{report}: big.csv:{n}");
+            assert_eq!(r["status"], status, "{report}: big.csv:{n}");
+            assert_eq!(r["phone_e164"], e164, "{report}: big.csv:{n}");
+        }
+        assert_eq!(
+            out.rows("small.csv", 1)[0]["detail"],
+            "duplicate of big.csv:1"
+        );
+        assert_eq!(
+            out.rows("small.csv", 2)[0]["detail"],
+            "duplicate of big.csv:11998"
+        );
+        assert_eq!(out.status("small.csv", 3), "dry_run");
+        assert_eq!(out.rows("small.csv", 3)[0]["record_id"], "s3");
+    }
+}
+
 #[test]
 fn empty_and_header_only_inputs() {
     let case = Case::new();
