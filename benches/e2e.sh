@@ -63,7 +63,11 @@ for profile in $PROFILES; do
   # the pandas runs are spread among them (after rounds RUNS/PANDAS_RUNS apart),
   # so that the VM's slow and fast phases of a few minutes hit both alike.
   for round in $(seq "$RUNS"); do
-    for which in $BINS; do
+    # The builds swap places every round: a run can pay for the writeback of
+    # the report the run before it wrote, and the first of a round follows pandas.
+    order=$BINS
+    [[ -n "${BASE_BIN:-}" ]] && (( round % 2 == 0 )) && order="base new"
+    for which in $order; do
       bin=$BIN; [[ $which == base ]] && bin=$BASE_BIN
       for sinks in three one; do
         timed "$which-$profile-$sinks-csv" "$bin" run -q --config "$(config_of $sinks)" --dry-run \

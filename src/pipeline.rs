@@ -467,8 +467,10 @@ impl Run<'_> {
                 Some(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
                 None => 1,
             };
-            // Idle buffers for every chunk the report channel and the renderers hold.
-            let recyclers = Recyclers::new(CHANNEL_CHUNKS + renderers);
+            // One idle buffer of each kind per render worker: on the 1M-row
+            // export, 2 idle buffers left 14–16k page faults and 6 left 10–11k
+            // (≈ 6 ms of CPU), but 6 held ≈ 3 MB more at the peak (BENCHMARKS.md).
+            let recyclers = Recyclers::new(renderers);
             let returned = recyclers.clone();
             let report_thread = scope.spawn(move || {
                 let counts = write_report(
