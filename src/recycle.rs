@@ -7,10 +7,10 @@
 //! allocated on one thread and freed on another. glibc then hands the freed
 //! memory back to the kernel (`MADV_DONTNEED` when an arena's top grows past
 //! its trim threshold) and the next chunk faults the same pages in again,
-//! zeroed. On a 1M-row re-run that was 40–48k page faults and ≈ 12% of the
-//! CPU in the kernel (perf `-e page-faults`: ¾ of them writing report bytes,
-//! most of the rest reading rows; BENCHMARKS.md, issue 11). A recycled buffer
-//! keeps its pages and the capacity it grew to.
+//! zeroed. On a 1M-row re-run that was 36–49k page faults, a large part of
+//! the 10–15% of its CPU time spent in the kernel (perf `-e page-faults`: ¾
+//! of them writing report bytes, most of the rest reading rows; BENCHMARKS.md,
+//! "Tenth pass"). A recycled buffer keeps its pages and the capacity it grew to.
 //!
 //! A [`Recycler`] is bounded: a buffer handed back to a full one is freed, so
 //! it never holds more than its few idle buffers beyond what the pipeline's
