@@ -314,41 +314,6 @@ fn wrong_field_count_is_malformed_and_the_run_continues() {
     assert_eq!(out.status("a.csv", 2), "dry_run");
 }
 
-/// A Parquet report's rows as column → text (empty for null), like [`read_report`].
-fn read_parquet_report(path: &Path) -> Vec<HashMap<String, String>> {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let schema = batch.schema();
-        let columns: Vec<_> = batch
-            .columns()
-            .iter()
-            .map(|c| arrow_cast::cast(c, &arrow_schema::DataType::Utf8).unwrap())
-            .collect();
-        for i in 0..batch.num_rows() {
-            let row = schema.fields().iter().zip(&columns).map(|(field, column)| {
-                let text = column
-                    .as_any()
-                    .downcast_ref::<arrow_array::StringArray>()
-                    .unwrap();
-                let value = if arrow_array::Array::is_null(text, i) {
-                    ""
-                } else {
-                    text.value(i)
-                };
-                (field.name().clone(), value.to_owned())
-            });
-            rows.push(row.collect());
-        }
-    }
-    rows
-}
-
 /// Row `n` of the big input of [`chunks_reused_across_inputs_report_only_their_own_rows`]:
 /// its CSV line and what its report rows must say.
 fn varied_row(n: u64) -> (String, &'static str, String, String) {
@@ -407,7 +372,7 @@ s2,Bia,+55 11 98001-1998,,BR,gold\ns3,Caio,+55 11 99999-0000,,BR,gold\n",
             out
         } else {
             Output {
-                report: read_parquet_report(&case.path(report)),
+                report: common::read_parquet_report(&case.path(report)),
                 ..out
             }
         };

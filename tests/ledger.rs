@@ -376,27 +376,12 @@ fn contains(path: &Path, needle: &str) -> bool {
 
 /// Every value of a Parquet report, as text.
 fn parquet_text(path: &Path) -> String {
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let file = std::fs::File::open(path).unwrap();
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut text = String::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        for column in batch.columns() {
-            let strings = arrow_cast::cast(column, &arrow_schema::DataType::Utf8).unwrap();
-            let strings = strings
-                .as_any()
-                .downcast_ref::<arrow_array::StringArray>()
-                .unwrap();
-            for v in strings.iter().flatten() {
-                text.push_str(v);
-                text.push('\n');
-            }
-        }
-    }
+    let rows = common::read_parquet_report(path);
+    let text: String = rows
+        .iter()
+        .flat_map(|r| r.values())
+        .map(|v| format!("{v}\n"))
+        .collect();
     assert!(text.contains("weni"), "the report was read");
     text
 }

@@ -34,6 +34,47 @@ pub fn read_report(path: &Path) -> Vec<Row> {
         .collect()
 }
 
+/// A Parquet report's rows as column → text (empty for null), like [`read_report`].
+pub fn read_parquet_report(path: &Path) -> Vec<Row> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let schema = batch.schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(
+            names,
+            crm_import::report::COLUMNS,
+            "report columns in SPEC order"
+        );
+        let columns: Vec<_> = batch
+            .columns()
+            .iter()
+            .map(|c| arrow_cast::cast(c, &arrow_schema::DataType::Utf8).unwrap())
+            .collect();
+        for i in 0..batch.num_rows() {
+            let row = schema.fields().iter().zip(&columns).map(|(field, column)| {
+                let text = column
+                    .as_any()
+                    .downcast_ref::<arrow_array::StringArray>()
+                    .unwrap();
+                let value = if arrow_array::Array::is_null(text, i) {
+                    ""
+                } else {
+                    text.value(i)
+                };
+                (field.name().clone(), value.to_owned())
+            });
+            rows.push(row.collect());
+        }
+    }
+    rows
+}
+
 /// SPEC invariant: each input row of each `(source, rows)` has exactly one
 /// record-level report row, or exactly one row per sink in `sinks`.
 pub fn assert_invariant(report: &[Row], sinks: &[&str], inputs: &[(&str, u64)]) {
