@@ -938,7 +938,7 @@ fn normalize_worker(
 }
 
 /// Fills each pending row's [`Outcome`] and returns the sinks' checks (`rows × sinks`),
-/// in `checks` (emptied first: a recycled buffer).
+/// in `checks`: an empty vector, often a recycled one ([`crate::recycle`]).
 /// `hashing[s]`: whether sink `s` needs payload hashes (see [`Sink::check`]).
 ///
 /// Sink by sink over the chunk's rows, not row by row over the sinks: a
@@ -954,7 +954,7 @@ pub fn normalize_chunk(
     mut checks: Vec<Check>,
 ) -> Vec<Check> {
     let sinks = stages.sinks.len();
-    checks.clear();
+    debug_assert!(checks.is_empty(), "checks would follow another chunk's");
     checks.resize(chunk.len() * sinks, Check::Ready { group: 0, hash: 0 });
     let mut normalized = Vec::with_capacity(chunk.len());
     for i in 0..chunk.len() {

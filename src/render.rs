@@ -58,8 +58,8 @@ pub struct ChunkReport<'a> {
 }
 
 impl ChunkReport<'_> {
-    /// The chunk's rows, encoded off the report thread into `bytes` (emptied
-    /// first: a buffer the report thread handed back, see [`crate::recycle`]).
+    /// The chunk's rows, encoded off the report thread into `bytes`: an empty
+    /// buffer, often one the report thread handed back ([`crate::recycle`]).
     pub fn render(
         &self,
         encoding: Encoding,
@@ -67,7 +67,7 @@ impl ChunkReport<'_> {
         checks: &[Check],
         mut bytes: Vec<u8>,
     ) -> Rendered {
-        bytes.clear();
+        debug_assert!(bytes.is_empty(), "rows would follow another chunk's");
         // ≈ 2.5 rows of ≈ 100 bytes per input row: one allocation per chunk
         // (none for a recycled buffer, which keeps what it grew to).
         bytes.reserve(chunk.len() * 256);
